@@ -1,0 +1,12 @@
+"""Durable, model-backed async method calls for Django, run by RQ workers.
+
+``from asyncmodels import async_method`` is the public entry point; ``MethodCall`` lives in
+``asyncmodels.models`` (import it from there, after Django has set up its apps).
+"""
+
+from __future__ import annotations
+
+from .decorator import async_method
+
+__all__ = ["async_method"]
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,223 @@
+"""``@async_method``: turn a model method into a durable call that a worker runs after commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, overload
+
+from django.db import models, transaction
+
+from . import conf, dispatch, registry, serialization
+from .exceptions import (
+    EncodingError,
+    InvalidArgumentsError,
+    InvalidOptionError,
+    RegistrationError,
+    UnknownQueueError,
+    UnsavedInstanceError,
+    UnsupportedArgumentError,
+)
+from .registry import MethodOptions, RegisteredMethod
+
+if TYPE_CHECKING:
+    from .models import MethodCall, MethodCallQuerySet
+
+
+class AsyncMethod:
+    """The class attribute ``@async_method`` leaves on a model; instances get ``BoundAsyncMethod``.
+
+    It has a ``contribute_to_class()`` so Django's model metaclass hands it the finished model
+    class; registration itself happens on ``class_prepared`` (see ``asyncmodels.registry``).
+    """
+
+    def __init__(self, function: Callable[..., Any], options: MethodOptions, name: str | None) -> None:
+        self.function = function
+        self.options = options
+        self.name = name
+        self.owner: type[models.Model] | None = None
+        self.attribute = function.__name__
+        functools.update_wrapper(self, function)  # type: ignore[arg-type]
+
+    def contribute_to_class(self, cls: type[models.Model], name: str, **kwargs: Any) -> None:
+        """Called by Django's model metaclass; a plain class would call ``__set_name__`` instead."""
+        self.owner = cls
+        self.attribute = name
+        setattr(cls, name, self)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        # Django's ModelBase routes objects with contribute_to_class() around type.__new__, so this
+        # only runs when the decorator sits in a class that is not a Django model.
+        if not (isinstance(owner, type) and issubclass(owner, models.Model)):
+            raise RegistrationError(
+                f"@async_method decorates {owner.__qualname__}.{name}, but {owner.__qualname__} is not a "
+                "Django model. Async methods must be methods of a model, so a worker can reload the object."
+            )
+
+    @overload
+    def __get__(self, instance: None, owner: type[models.Model]) -> AsyncMethod: ...
+
+    @overload
+    def __get__(self, instance: models.Model, owner: type[models.Model]) -> BoundAsyncMethod: ...
+
+    def __get__(
+        self, instance: models.Model | None, owner: type[models.Model]
+    ) -> AsyncMethod | BoundAsyncMethod:
+        if instance is None:
+            return self
+        entry = registry.get_method_for(type(instance), self.attribute)
+        if entry is None:
+            raise RegistrationError(
+                f"{type(instance)._meta.label}.{self.attribute} is not registered; async methods work "
+                "on concrete models that Django has prepared."
+            )
+        return BoundAsyncMethod(entry, instance, entry.options)
+
+
+class BoundAsyncMethod:
+    """``instance.method``: calling it records a ``MethodCall``; see ``now()``, ``using()``, ``calls()``."""
+
+    def __init__(self, entry: RegisteredMethod, instance: models.Model, options: MethodOptions) -> None:
+        self.entry = entry
+        self.instance = instance
+        self.options = options
+        functools.update_wrapper(self, entry.function)
+
+    def __repr__(self) -> str:
+        return f"<async method {self.entry.name} of {self.instance!r}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> MethodCall:
+        """Record the call and push it to the queue when the instance's database commits.
+
+        Returns the new ``MethodCall`` (state ``pending``). Raises, writing nothing:
+        ``UnsavedInstanceError``, ``InvalidArgumentsError``, ``UnsupportedArgumentError``,
+        ``UnknownQueueError``. Inside ``transaction.atomic()`` the row is part of the caller's
+        transaction; a rollback leaves no row and pushes nothing.
+        """
+        return make_call(self.entry, self.instance, args, kwargs, self.options)
+
+    def now(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the method here and now, without a record, and return its own result."""
+        return self.entry.function(self.instance, *args, **kwargs)
+
+    def using(self, **options: Any) -> BoundAsyncMethod:
+        """Return this method with options overridden for one call: ``using(queue="urgent")(...)``.
+
+        Raises ``InvalidOptionError`` for an option the decorator does not know or a bad value.
+        """
+        known = {field.name for field in dataclasses.fields(MethodOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidOptionError(
+                f"Unknown option(s) for {self.entry.name}: {', '.join(unknown)}. "
+                f"Known: {', '.join(sorted(known))}."
+            )
+        merged = dataclasses.replace(self.options, **options)
+        _validate_options(merged, where=f"{self.entry.name}.using()")
+        return BoundAsyncMethod(self.entry, self.instance, merged)
+
+    def calls(self) -> MethodCallQuerySet:
+        """This object's calls of this method, newest first, on the instance's database."""
+        from .models import MethodCall
+
+        database = self.instance._state.db or "default"
+        return MethodCall.objects.using(database).for_object(self.instance).for_method(self.entry.name)
+
+
+def _validate_options(options: MethodOptions, *, where: str) -> None:
+    if not isinstance(options.queue, str) or not options.queue:
+        raise InvalidOptionError(f"{where}: queue must be a non-empty str, not {options.queue!r}.")
+
+
+def make_call(
+    entry: RegisteredMethod,
+    instance: models.Model,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: MethodOptions,
+) -> MethodCall:
+    """Validate a call, write its ``MethodCall`` row and register the push on commit.
+
+    Every check runs before the INSERT, so a refused call writes nothing. The row goes to the
+    instance's own database (``instance._state.db``); the push is registered with
+    ``transaction.on_commit(..., using=that database, robust=True)``, so a failing push is
+    logged and never breaks the caller's commit.
+    """
+    from django.contrib.contenttypes.models import ContentType
+
+    from .models import MethodCall
+
+    label = f"{entry.model._meta.label}.{entry.attribute}"
+    if instance._state.adding or instance.pk is None:
+        raise UnsavedInstanceError(
+            f"{label}() was called on an unsaved {entry.model._meta.label}; save() it first "
+            "so a worker can reload it by primary key."
+        )
+    try:
+        entry.signature.bind(instance, *args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgumentsError(f"{label}(): {exc}") from exc
+    try:
+        encoded_args = [serialization.encode(value, path=f"args[{i}]") for i, value in enumerate(args)]
+        encoded_kwargs = {
+            key: serialization.encode(value, path=f"kwargs[{key!r}]") for key, value in kwargs.items()
+        }
+    except EncodingError as exc:
+        raise UnsupportedArgumentError(f"{label}(): {exc}") from exc
+    if options.queue not in conf.get_rq_queue_names():
+        raise UnknownQueueError(
+            f"{label}(): queue {options.queue!r} is not in settings.RQ_QUEUES "
+            f"(configured: {', '.join(sorted(conf.get_rq_queue_names())) or 'none'})."
+        )
+    conf.get_backend_name()  # a misconfigured backend fails here, before the INSERT
+
+    database = instance._state.db or "default"
+    content_type = ContentType.objects.db_manager(database).get_for_model(instance)
+    call = MethodCall.objects.using(database).create(
+        content_type=content_type,
+        object_id=str(instance.pk),
+        method=entry.name,
+        queue=options.queue,
+        args=encoded_args,
+        kwargs=encoded_kwargs,
+    )
+    transaction.on_commit(functools.partial(dispatch.push, call), using=database, robust=True)
+    return call
+
+
+@overload
+def async_method(function: Callable[..., Any], /) -> AsyncMethod: ...
+
+
+@overload
+def async_method(
+    *, queue: str = "default", name: str | None = None
+) -> Callable[[Callable[..., Any]], AsyncMethod]: ...
+
+
+def async_method(
+    function: Callable[..., Any] | None = None, /, *, queue: str = "default", name: str | None = None
+) -> AsyncMethod | Callable[[Callable[..., Any]], AsyncMethod]:
+    """Decorate a model method so that calling it records a ``MethodCall`` run later by a worker.
+
+    ``queue`` (str): the django-rq queue (a key of ``RQ_QUEUES``) the call is pushed to.
+    ``name`` (str | None): the registry name stored on each row; defaults to
+    ``"app_label.ModelName.method"``. Give one to keep old rows runnable across a rename.
+
+    Usable bare (``@async_method``) or with options. Raises ``RegistrationError`` at import if the
+    class is not a Django model or the registry name is taken, ``InvalidOptionError`` for bad options.
+    """
+    options = MethodOptions(queue=queue)
+    _validate_options(options, where="@async_method")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise InvalidOptionError(f"@async_method: name must be a non-empty str, not {name!r}.")
+
+    def decorate(func: Callable[..., Any]) -> AsyncMethod:
+        if not callable(func) or isinstance(func, (staticmethod, classmethod)):
+            raise RegistrationError("@async_method decorates plain instance methods (def method(self, ...)).")
+        return AsyncMethod(func, options, name)
+
+    if function is not None:
+        return decorate(function)
+    return decorate

@@ -1,0 +1,71 @@
+"""Pushing committed calls to their queue: the "go" signal, never the truth.
+
+``push()`` runs from ``transaction.on_commit`` once the call's row is committed. With the ``rq``
+backend it enqueues the generic job (carrying only the call's id and database alias) through
+django-rq and then marks the row ``enqueued``; with the ``immediate`` backend it runs the very
+same job code in this process. A failed push leaves the row ``pending`` and is logged: the
+caller's commit has already happened and must not fail because Redis is down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from . import conf
+
+if TYPE_CHECKING:
+    from rq.queue import Queue
+
+    from .models import MethodCall
+
+logger = logging.getLogger("asyncmodels.dispatch")
+
+#: Dotted path of the one job function every call runs through.
+JOB_FUNCTION = "asyncmodels.job.run_method_call"
+
+
+def get_queue(name: str) -> Queue:
+    """Return django-rq's queue ``name`` with its own on-commit deferral turned off.
+
+    asyncmodels defers the push itself, on the call's own database; django-rq's ``on_db_commit``
+    mode only watches the default connection and would make ``enqueue()`` return ``None``.
+    """
+    import django_rq
+
+    return django_rq.get_queue(name, commit_mode="auto")
+
+
+def push(call: MethodCall) -> bool:
+    """Push ``call`` to its queue (or run it, with the ``immediate`` backend); return success.
+
+    Never raises for a queue failure: it logs it and leaves the call ``pending``.
+    """
+    database = call._state.db or "default"
+    if conf.get_backend_name() == "immediate":
+        from .job import run_method_call
+
+        run_method_call(call.pk, database)
+        return True
+    try:
+        queue = get_queue(call.queue)
+        queue.enqueue(
+            JOB_FUNCTION,
+            call.pk,
+            database,
+            job_id=call.job_id,
+            description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
+            # Our row keeps the outcome; RQ's copy of the (empty) return value need not linger.
+            result_ttl=0,
+        )
+    except Exception:
+        logger.exception(
+            "Could not push call %s (%s on object %s) to queue %r; it stays pending.",
+            call.pk,
+            call.method,
+            call.object_id,
+            call.queue,
+        )
+        return False
+    call.mark_enqueued()
+    return True

@@ -1,0 +1,53 @@
+"""Exceptions raised by asyncmodels.
+
+Errors a caller can make are raised at call time, before anything is written (DESIGN.md,
+Guarantee 5). Wiring mistakes found at import time subclass Django's ``ImproperlyConfigured``.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class AsyncModelsError(Exception):
+    """Base class of every asyncmodels exception; catch it, do not raise it directly."""
+
+
+class CallError(AsyncModelsError):
+    """A call was refused at call time; no row was written and nothing was enqueued."""
+
+
+class UnsavedInstanceError(CallError):
+    """The instance has no primary key in the database yet, so a worker could not reload it."""
+
+
+class InvalidArgumentsError(CallError, TypeError):
+    """The arguments do not bind to the decorated method's signature."""
+
+
+class UnsupportedArgumentError(CallError, TypeError):
+    """An argument holds a value of a type that cannot be stored in the typed JSON encoding."""
+
+
+class UnknownQueueError(CallError, ValueError):
+    """The queue named for the call is not a key of the ``RQ_QUEUES`` setting."""
+
+
+class InvalidOptionError(CallError, TypeError):
+    """``using()`` was given an option name or value that the decorator does not accept."""
+
+
+class EncodingError(AsyncModelsError, TypeError):
+    """A value cannot be stored in the typed JSON encoding (see ``asyncmodels.serialization``)."""
+
+
+class DecodingError(AsyncModelsError, ValueError):
+    """A stored value could not be turned back into Python (corrupt row or a referenced row is gone)."""
+
+
+class RegistrationError(AsyncModelsError, ImproperlyConfigured):
+    """``@async_method`` was used where it cannot work: outside a model, or a registry name twice."""
+
+
+class ConfigurationError(AsyncModelsError, ImproperlyConfigured):
+    """The ``ASYNCMODELS`` setting holds an unknown key or value."""

@@ -1,0 +1,186 @@
+"""``MethodCall``: the durable record of one async method call, and its states.
+
+The row is the truth (DESIGN.md): every state change is a compare-and-set, a conditional
+``UPDATE ... WHERE state IN (...)`` whose row count says whether this process won. That is the
+lock; ``select_for_update`` would do nothing on SQLite and an RQ-delivered job holds no lock.
+Timestamps come from the database clock (``Now()``), never from the worker's.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, ClassVar
+
+from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
+from django.db import models
+from django.db.models.functions import Now
+from django.utils.translation import gettext_lazy as _
+
+
+class CallState(models.TextChoices):
+    """Where a call is in its life. ``succeeded``, ``failed`` and ``cancelled`` are terminal."""
+
+    PENDING = "pending", _("pending")  # committed, not yet pushed to the queue
+    SCHEDULED = "scheduled", _("scheduled")  # to be pushed when due (run_after, retry backoff)
+    WAITING = "waiting", _("waiting")  # to be pushed when its dependencies have finished
+    ENQUEUED = "enqueued", _("enqueued")  # pushed to RQ; a worker has not claimed it yet
+    RUNNING = "running", _("running")  # claimed by a worker; the method is executing
+    SUCCEEDED = "succeeded", _("succeeded")  # the method returned
+    FAILED = "failed", _("failed")  # the method raised, or it could not be run; see error
+    CANCELLED = "cancelled", _("cancelled")  # stopped before it ran
+
+
+TERMINAL_STATES = frozenset({CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED})
+UNFINISHED_STATES = frozenset(set(CallState) - TERMINAL_STATES)
+#: States from which a worker may claim a call. ``pending`` is included because the push to
+#: RQ happens before the row is marked ``enqueued``, and a fast worker can win that race.
+CLAIMABLE_STATES = frozenset({CallState.PENDING, CallState.ENQUEUED})
+CANCELLABLE_STATES = frozenset(
+    {CallState.PENDING, CallState.SCHEDULED, CallState.WAITING, CallState.ENQUEUED}
+)
+
+
+class MethodCallQuerySet(models.QuerySet["MethodCall"]):
+    """Filters named after states and objects: ``MethodCall.objects.for_object(acct).failed()``."""
+
+    def for_object(self, instance: models.Model) -> MethodCallQuerySet:
+        """Calls made on ``instance`` (a saved model instance), on this queryset's database."""
+        content_type = ContentType.objects.db_manager(self.db).get_for_model(instance)
+        return self.filter(content_type=content_type, object_id=str(instance.pk))
+
+    def for_method(self, name: str) -> MethodCallQuerySet:
+        """Calls of the method registered as ``name`` (``"app_label.Model.method"``)."""
+        return self.filter(method=name)
+
+    def pending(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.PENDING)
+
+    def scheduled(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.SCHEDULED)
+
+    def enqueued(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.ENQUEUED)
+
+    def running(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.RUNNING)
+
+    def succeeded(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.SUCCEEDED)
+
+    def failed(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.FAILED)
+
+    def cancelled(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.CANCELLED)
+
+    def unfinished(self) -> MethodCallQuerySet:
+        """Calls not yet in a terminal state."""
+        return self.filter(state__in=UNFINISHED_STATES)
+
+    def finished(self) -> MethodCallQuerySet:
+        """Calls in a terminal state: succeeded, failed or cancelled."""
+        return self.filter(state__in=TERMINAL_STATES)
+
+
+class MethodCall(models.Model):
+    """One call of an ``@async_method``: which object, which method, its arguments and its fate."""
+
+    content_type = models.ForeignKey(
+        ContentType, on_delete=models.PROTECT, related_name="+", help_text=_("The model of the object.")
+    )
+    # Text, so integer, UUID and string primary keys all fit; no cascading foreign key, so the
+    # history outlives the object (DESIGN.md, Decisions).
+    object_id = models.CharField(max_length=255, help_text=_("The object's primary key, as text."))
+    content_object = GenericForeignKey("content_type", "object_id")
+    method = models.CharField(max_length=255, help_text=_("Registry name of the decorated method."))
+    queue = models.CharField(max_length=100, help_text=_("RQ queue the call is pushed to."))
+    state = models.CharField(max_length=20, choices=CallState.choices, default=CallState.PENDING)
+
+    args = models.JSONField(default=list, blank=True, help_text=_("Positional arguments, typed JSON."))
+    kwargs = models.JSONField(default=dict, blank=True, help_text=_("Keyword arguments, typed JSON."))
+    result = models.JSONField(null=True, blank=True, help_text=_("The method's return value, typed JSON."))
+    result_note = models.TextField(blank=True, help_text=_("Why the result could not be stored, if so."))
+
+    error_type = models.CharField(max_length=255, blank=True, help_text=_("Exception class, dotted path."))
+    error = models.TextField(blank=True, help_text=_("The error message, or why the call could not run."))
+    traceback = models.TextField(blank=True)
+
+    attempts = models.PositiveIntegerField(default=0, help_text=_("Attempts started so far."))
+    worker = models.CharField(max_length=255, blank=True, help_text=_("Name of the worker that ran it."))
+
+    created_at = models.DateTimeField(db_default=Now())
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects: ClassVar[MethodCallQuerySet] = MethodCallQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("method call")
+        verbose_name_plural = _("method calls")
+        ordering = ("-id",)
+        indexes = (
+            models.Index(fields=["content_type", "object_id", "method"], name="asyncmodels_call_object"),
+            models.Index(fields=["state", "queue"], name="asyncmodels_call_state"),
+            models.Index(fields=["created_at"], name="asyncmodels_call_created"),
+        )
+        permissions = (
+            ("retry_methodcall", _("Can retry method calls")),
+            ("cancel_methodcall", _("Can cancel method calls")),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.method}({self.object_id}) #{self.pk} [{self.state}]"
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the call is in a terminal state."""
+        return self.state in TERMINAL_STATES
+
+    @property
+    def duration(self) -> datetime.timedelta | None:
+        """Time from the start of the last attempt to the end, or ``None`` if not both known."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @property
+    def job_id(self) -> str:
+        """The RQ job id for the next push of this call: one id per database, call and attempt."""
+        database = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in (self._state.db or "default"))
+        return f"asyncmodels-{database}-{self.pk}-{self.attempts + 1}"
+
+    def _compare_and_set(self, from_states: frozenset[str], **changes: Any) -> bool:
+        """Apply ``changes`` only if the row is still in one of ``from_states``; return whether it was."""
+        rows = (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(pk=self.pk, state__in=from_states)
+            .update(**changes)
+        )
+        return rows == 1
+
+    def mark_enqueued(self) -> bool:
+        """``pending`` → ``enqueued`` after a successful push; return whether this process won."""
+        won = self._compare_and_set(
+            frozenset({CallState.PENDING}), state=CallState.ENQUEUED, enqueued_at=Now()
+        )
+        if won:
+            self.state = CallState.ENQUEUED
+        return won
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not started; return ``True`` if this cancelled it.
+
+        A compare-and-set from ``pending``, ``scheduled``, ``waiting`` or ``enqueued``: a call
+        that a worker has claimed, or that has finished, is left alone and ``False`` is returned.
+        """
+        won = self._compare_and_set(
+            CANCELLABLE_STATES,
+            state=CallState.CANCELLED,
+            finished_at=Now(),
+            error="Cancelled before it started.",
+        )
+        self.refresh_from_db()
+        return won

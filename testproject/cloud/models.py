@@ -1,0 +1,113 @@
+"""Models a user of asyncmodels would write: accounts, their instances, and their methods."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from django.db import models
+
+from asyncmodels import async_method
+
+
+class ProvisioningError(Exception):
+    """The (pretend) cloud refused a request."""
+
+
+class Account(models.Model):
+    name = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @async_method()
+    def send_invoice(self, month: str) -> str:
+        return f"invoice {month} sent to {self.name}"
+
+
+class Instance(models.Model):
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="instances")
+    name = models.CharField(max_length=100)
+    size = models.CharField(max_length=20, default="small")
+    status = models.CharField(max_length=20, default="new")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @async_method(queue="provisioning")
+    def provision(self, size: str = "small") -> dict[str, Any]:
+        """Pretend to create the machine; the worker sees the row as committed, never stale."""
+        self.size = size
+        self.status = "running"
+        self.save(update_fields=["size", "status"])
+        return {"name": self.name, "size": size, "status": self.status}
+
+    @async_method(queue="provisioning")
+    def resize(self, size: str) -> str:
+        """Fails for sizes the pretend cloud does not offer."""
+        if size not in {"small", "medium", "large"}:
+            raise ProvisioningError(f"size {size!r} is not offered in this region")
+        self.size = size
+        self.save(update_fields=["size"])
+        return size
+
+    @async_method()
+    def backup(self, seconds: float = 0.5) -> str:
+        """A slow method."""
+        time.sleep(seconds)
+        return f"backup of {self.name} took {seconds}s"
+
+    @async_method()
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "status": self.status}
+
+    def not_async(self) -> str:
+        """A plain method: a stored call naming it must never run."""
+        self.status = "hacked"
+        self.save(update_fields=["status"])
+        return "ran"
+
+
+class Volume(models.Model):
+    """A model with a UUID primary key."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    label = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.label
+
+    @async_method()
+    def attach(self, instance: Instance) -> str:
+        return f"{self.label} attached to {instance.name} ({instance.status})"
+
+
+class Region(models.Model):
+    """A model with a string primary key."""
+
+    code = models.CharField(max_length=20, primary_key=True)
+
+    def __str__(self) -> str:
+        return self.code
+
+    @async_method()
+    def ping(self) -> str:
+        return f"pong from {self.code}"
+
+
+class Echo(models.Model):
+    """Returns whatever it is given, so tests can check what the worker received."""
+
+    note = models.CharField(max_length=100, blank=True)
+
+    def __str__(self) -> str:
+        return f"echo {self.pk}"
+
+    @async_method()
+    def echo(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"args": list(args), "kwargs": kwargs, "types": [type(a).__name__ for a in args]}
+
+    @async_method()
+    def unstorable(self) -> object:
+        return object()

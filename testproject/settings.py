@@ -1,0 +1,121 @@
+"""Settings of the demo site. Services are chosen by environment variables.
+
+ASYNCMODELS_DB         "sqlite" (default: files under var/) or "postgres"
+ASYNCMODELS_PG_NAME    PostgreSQL database name (default "asyncmodels"); a second one,
+                       "<name>_other", backs the "other" alias
+ASYNCMODELS_PG_HOST    default 127.0.0.1; ASYNCMODELS_PG_PORT default 5432; user postgres
+ASYNCMODELS_REDIS_URL  Redis for every RQ queue (default redis://127.0.0.1:6379/0)
+ASYNCMODELS_SQLITE_DIR where SQLite files live (default <repo>/var)
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "asyncmodels-demo-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["localhost", "127.0.0.1", "[::1]", "testserver"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_rq",
+    "asyncmodels",
+    "testproject.cloud",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "testproject.wsgi.application"
+
+SQLITE_DIR = Path(os.environ.get("ASYNCMODELS_SQLITE_DIR", BASE_DIR / "var"))
+
+DATABASES: dict[str, dict[str, Any]]
+if os.environ.get("ASYNCMODELS_DB", "sqlite") == "postgres":
+    _pg_name = os.environ.get("ASYNCMODELS_PG_NAME", "asyncmodels")
+    _pg = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": os.environ.get("ASYNCMODELS_PG_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("ASYNCMODELS_PG_PORT", "5432"),
+        "USER": os.environ.get("ASYNCMODELS_PG_USER", "postgres"),
+        "PASSWORD": os.environ.get("ASYNCMODELS_PG_PASSWORD", ""),
+    }
+    DATABASES = {
+        "default": {**_pg, "NAME": _pg_name},
+        "other": {**_pg, "NAME": f"{_pg_name}_other"},
+    }
+else:
+    SQLITE_DIR.mkdir(parents=True, exist_ok=True)
+    # Files, not :memory:, so that worker processes see what the test or demo committed.
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SQLITE_DIR / "default.sqlite3",
+            "TEST": {"NAME": str(SQLITE_DIR / "test_default.sqlite3")},
+            "OPTIONS": {"timeout": 20},
+        },
+        "other": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SQLITE_DIR / "other.sqlite3",
+            "TEST": {"NAME": str(SQLITE_DIR / "test_other.sqlite3")},
+            "OPTIONS": {"timeout": 20},
+        },
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("ASYNCMODELS_REDIS_URL", "redis://127.0.0.1:6379/0")
+RQ_QUEUES = {
+    "default": {"URL": REDIS_URL},
+    "provisioning": {"URL": REDIS_URL},
+    "urgent": {"URL": REDIS_URL},
+}
+
+ASYNCMODELS = {"BACKEND": os.environ.get("ASYNCMODELS_BACKEND", "rq")}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "asyncmodels": {"handlers": ["console"], "level": os.environ.get("ASYNCMODELS_LOG_LEVEL", "WARNING")}
+    },
+}
