@@ -6,6 +6,8 @@ ASYNCMODELS_PG_NAME    PostgreSQL database name (default "asyncmodels"); a secon
 ASYNCMODELS_PG_HOST    default 127.0.0.1; ASYNCMODELS_PG_PORT default 5432; user postgres
 ASYNCMODELS_REDIS_URL  Redis for every RQ queue (default redis://127.0.0.1:6379/0)
 ASYNCMODELS_SQLITE_DIR where SQLite files live (default <repo>/var)
+ASYNCMODELS_SQLITE_PREFIX  prefix of the SQLite file names ("test_" opens the test databases)
+ASYNCMODELS_BACKEND    "rq" (default) or "immediate"
 """
 
 import os
@@ -77,17 +79,19 @@ if os.environ.get("ASYNCMODELS_DB", "sqlite") == "postgres":
     }
 else:
     SQLITE_DIR.mkdir(parents=True, exist_ok=True)
+    # A worker process started by the tests sets "test_" to open the test databases.
+    _sqlite_prefix = os.environ.get("ASYNCMODELS_SQLITE_PREFIX", "")
     # Files, not :memory:, so that worker processes see what the test or demo committed.
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": SQLITE_DIR / "default.sqlite3",
+            "NAME": SQLITE_DIR / f"{_sqlite_prefix}default.sqlite3",
             "TEST": {"NAME": str(SQLITE_DIR / "test_default.sqlite3")},
             "OPTIONS": {"timeout": 20},
         },
         "other": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": SQLITE_DIR / "other.sqlite3",
+            "NAME": SQLITE_DIR / f"{_sqlite_prefix}other.sqlite3",
             "TEST": {"NAME": str(SQLITE_DIR / "test_other.sqlite3")},
             "OPTIONS": {"timeout": 20},
         },

@@ -1,0 +1,47 @@
+# The two quickstart commands: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+# Extra pip requirement, e.g. DJANGO_SPEC='django>=6.0,<6.1' for the Django 6 leg.
+DJANGO_SPEC ?= django>=5.2,<5.3
+BIN := $(VENV)/bin
+MANAGE := $(BIN)/python manage.py
+
+# Real services for `make test-services` (CI starts them; see .ci/run).
+PG_NAME ?= asyncmodels_ci
+REDIS_TEST_URL ?= redis://127.0.0.1:6379/13
+
+.PHONY: demo test lint pytest test-services install clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]" "$(DJANGO_SPEC)"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(MANAGE) demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy asyncmodels testproject tests
+	$(MANAGE) makemigrations --check --dry-run
+	$(MANAGE) check
+
+pytest: $(BIN)/.installed
+	$(BIN)/pytest -q
+
+# The README's test command: lint, type-check, migrations, system checks, then the suite on
+# SQLite + fakeredis (no services needed).
+test: lint pytest
+
+# The same suite on PostgreSQL and Redis on loopback, with real rqworker processes.
+test-services: $(BIN)/.installed
+	ASYNCMODELS_DB=postgres ASYNCMODELS_PG_NAME=$(PG_NAME) \
+	ASYNCMODELS_TEST_SERVICES=real ASYNCMODELS_REDIS_URL=$(REDIS_TEST_URL) \
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
