@@ -100,6 +100,7 @@ class Echo(models.Model):
     """Returns whatever it is given, so tests can check what the worker received."""
 
     note = models.CharField(max_length=100, blank=True)
+    hits = models.PositiveIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"echo {self.pk}"
@@ -107,6 +108,17 @@ class Echo(models.Model):
     @async_method()
     def echo(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"args": list(args), "kwargs": kwargs, "types": [type(a).__name__ for a in args]}
+
+    @async_method()
+    def bump(self) -> int:
+        """Count runs in the database, so tests can see a method ran exactly once."""
+        type(self).objects.filter(pk=self.pk).update(hits=models.F("hits") + 1)
+        self.refresh_from_db(fields=["hits"])
+        return self.hits
+
+    @async_method()
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
 
     @async_method()
     def unstorable(self) -> object:
