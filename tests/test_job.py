@@ -1,0 +1,206 @@
+"""The generic job: claim once, reload fresh, run only registered methods, record everything."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import django_rq
+import pytest
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from asyncmodels import dispatch
+from asyncmodels.job import run_method_call
+from asyncmodels.models import CallState, MethodCall
+from testproject.cloud.models import Account, Echo, Instance, Region, Volume
+
+from .conftest import RunWorker
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+@pytest.fixture
+def instance() -> Instance:
+    return Instance.objects.create(account=Account.objects.create(name="acme"), name="web1")
+
+
+def test_committed_call_runs_exactly_once_and_succeeds_with_result(
+    instance: Instance, run_worker: RunWorker
+) -> None:
+    call = instance.provision(size="large")
+    run_worker()
+    run_worker()  # a second worker finds nothing more to do
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+    assert call.result == {"name": "web1", "size": "large", "status": "running"}
+    assert call.attempts == 1
+    assert call.error == call.traceback == ""
+    assert call.worker
+    assert call.created_at <= call.enqueued_at <= call.started_at <= call.finished_at  # type: ignore[operator]
+    instance.refresh_from_db()
+    assert (instance.size, instance.status) == ("large", "running")
+
+
+def test_method_sees_the_committed_row_not_a_stale_copy(instance: Instance, run_worker: RunWorker) -> None:
+    call = instance.describe()
+    Instance.objects.filter(pk=instance.pk).update(name="renamed after the call", status="stopped")
+    run_worker()
+    call.refresh_from_db()
+    assert call.result == {"name": "renamed after the call", "size": "small", "status": "stopped"}
+
+
+def test_object_deleted_before_the_run_fails_saying_the_object_is_gone(
+    instance: Instance, run_worker: RunWorker
+) -> None:
+    call = instance.provision(size="large")
+    pk = instance.pk
+    instance.delete()
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert call.error_type == "asyncmodels.ObjectDoesNotExist"
+    assert "gone" in call.error
+    assert f"cloud.Instance with pk='{pk}'" in call.error
+    assert call.attempts == 1
+
+
+def test_row_naming_an_undecorated_method_fails_and_runs_nothing(
+    instance: Instance, run_worker: RunWorker
+) -> None:
+    # A forged or stale row: the job must look the name up in the registry, never getattr().
+    call = MethodCall.objects.create(
+        content_type=ContentType.objects.get_for_model(Instance),
+        object_id=str(instance.pk),
+        method="cloud.Instance.not_async",
+        queue="default",
+    )
+    dispatch.push(call)
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert call.error_type == "asyncmodels.MethodNotRegistered"
+    assert "nothing was run" in call.error
+    instance.refresh_from_db()
+    assert instance.status == "new"
+
+
+def test_same_job_delivered_twice_runs_the_method_once(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    # A second delivery of the same call (a re-push, a duplicated message) under another job id.
+    queue = django_rq.get_queue("default", commit_mode="auto")
+    queue.enqueue(dispatch.JOB_FUNCTION, call.pk, "default", job_id=f"duplicate-{call.pk}")
+    assert queue.count == 2
+    run_worker()
+    echo.refresh_from_db()
+    assert echo.hits == 1
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+    assert call.attempts == 1
+
+
+def test_job_for_a_running_or_finished_call_does_nothing(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    run_worker()
+    run_method_call(call.pk, "default")  # a late duplicate after success
+    run_method_call(10_000_000, "default")  # an id that does not exist
+    echo.refresh_from_db()
+    assert echo.hits == 1
+
+
+def test_cancelled_call_is_not_run(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    assert call.cancel() is True
+    run_worker()
+    echo.refresh_from_db()
+    assert echo.hits == 0
+    call.refresh_from_db()
+    assert call.state == CallState.CANCELLED
+    assert call.attempts == 0
+
+
+def test_raising_method_fails_with_type_message_and_traceback(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().fail("disk full on /dev/sda1")
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert call.error_type == "builtins.ValueError"
+    assert call.error == "disk full on /dev/sda1"
+    assert "Traceback (most recent call last)" in call.traceback
+    assert "in fail" in call.traceback
+    assert call.finished_at is not None
+    assert call.result is None
+
+
+def test_unstorable_result_still_succeeds_with_a_readable_note(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().unstorable()
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+    assert call.result is None
+    assert "could not be stored" in call.result_note
+    assert "builtins.object" in call.result_note
+
+
+def test_uuid_and_string_primary_keys(instance: Instance, run_worker: RunWorker) -> None:
+    volume = Volume.objects.create(label="vol-a")
+    region = Region.objects.create(code="eu-west-1")
+    attach = volume.attach(instance)
+    ping = region.ping()
+    run_worker()
+    attach.refresh_from_db()
+    ping.refresh_from_db()
+    assert attach.object_id == str(volume.pk)
+    assert (attach.state, attach.result) == (CallState.SUCCEEDED, "vol-a attached to web1 (new)")
+    assert (ping.state, ping.result) == (CallState.SUCCEEDED, "pong from eu-west-1")
+    assert list(volume.attach.calls()) == [attach]
+    assert list(MethodCall.objects.for_object(region)) == [ping]
+
+
+def test_model_argument_is_reloaded_fresh_on_the_worker(instance: Instance, run_worker: RunWorker) -> None:
+    volume = Volume.objects.create(label="vol-b")
+    call = volume.attach(instance)
+    Instance.objects.filter(pk=instance.pk).update(name="web1-renamed", status="running")
+    run_worker()
+    call.refresh_from_db()
+    assert call.result == "vol-b attached to web1-renamed (running)"
+
+
+def test_model_argument_deleted_before_the_run_fails_readably(instance: Instance, run_worker: RunWorker) -> None:
+    volume = Volume.objects.create(label="vol-c")
+    call = volume.attach(instance)
+    instance.delete()
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert call.error_type == "asyncmodels.ArgumentsUnavailable"
+    assert "no longer exists" in call.error
+
+
+def _statements(queries: CaptureQueriesContext) -> list[str]:
+    """The data statements captured, without transaction bookkeeping (SQLite logs BEGIN)."""
+    verbs = [query["sql"].split()[0].upper() for query in queries.captured_queries]
+    return [verb for verb in verbs if verb not in {"BEGIN", "COMMIT", "SAVEPOINT", "RELEASE"}]
+
+
+def test_call_path_query_count(instance: Instance) -> None:
+    instance.describe()  # warm the ContentType cache, as any process does after its first call
+    with CaptureQueriesContext(connection) as queries:
+        with transaction.atomic():
+            instance.describe()
+            in_transaction = _statements(queries)
+        after_commit = _statements(queries)
+    assert in_transaction == ["INSERT"]  # the call itself: one row
+    assert after_commit == ["INSERT", "UPDATE"]  # on commit: push, then pending -> enqueued
+
+
+def test_job_query_count(instance: Instance, django_assert_num_queries: Callable[..., object]) -> None:
+    call = instance.describe()
+    # claim (UPDATE), read the call, reload the object, record the outcome (UPDATE).
+    with django_assert_num_queries(4):  # type: ignore[operator]
+        run_method_call(call.pk, "default")
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
