@@ -32,6 +32,9 @@ class AsyncMethod:
     class; registration itself happens on ``class_prepared`` (see ``asyncmodels.registry``).
     """
 
+    __name__: str
+    __doc__: str | None
+
     def __init__(self, function: Callable[..., Any], options: MethodOptions, name: str | None) -> None:
         self.function = function
         self.options = options
@@ -77,6 +80,9 @@ class AsyncMethod:
 
 class BoundAsyncMethod:
     """``instance.method``: calling it records a ``MethodCall``; see ``now()``, ``using()``, ``calls()``."""
+
+    __name__: str
+    __doc__: str | None
 
     def __init__(self, entry: RegisteredMethod, instance: models.Model, options: MethodOptions) -> None:
         self.entry = entry

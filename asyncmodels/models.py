@@ -180,7 +180,6 @@ class MethodCall(models.Model):
             CANCELLABLE_STATES,
             state=CallState.CANCELLED,
             finished_at=Now(),
-            error="Cancelled before it started.",
         )
         self.refresh_from_db()
         return won

@@ -31,7 +31,9 @@ RunWorker = Callable[..., str]
 
 def pytest_report_header() -> str:
     engine = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
-    redis_kind = "fakeredis + in-process SimpleWorker" if SERVICES == "fake" else "real Redis + rqworker processes"
+    redis_kind = (
+        "fakeredis + in-process SimpleWorker" if SERVICES == "fake" else "real Redis + rqworker processes"
+    )
     return f"asyncmodels test mode: {engine} database, {redis_kind}"
 
 
@@ -39,7 +41,7 @@ def pytest_report_header() -> str:
 def redis_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
     """The Redis every django-rq queue uses in this test, empty at the start."""
     if SERVICES == "fake":
-        connection = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        connection: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         monkeypatch.setattr(django_rq.queues, "get_connection", lambda name="default", **kwargs: connection)
         yield connection
         return

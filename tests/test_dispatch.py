@@ -114,7 +114,7 @@ def test_call_on_second_database_lands_there_and_is_pushed_on_its_commit(
     run_worker()
     stored = MethodCall.objects.using("other").get(pk=call.pk)
     assert stored.state == CallState.SUCCEEDED
-    assert stored.result["args"] == ["hi"]
+    assert stored.result == {"args": ["hi"], "kwargs": {}, "types": ["str"]}
 
 
 def test_rollback_on_other_database_does_not_drop_a_default_call(queued_jobs: Callable[..., int]) -> None:
@@ -127,7 +127,9 @@ def test_rollback_on_other_database_does_not_drop_a_default_call(queued_jobs: Ca
 
 
 @override_settings(ASYNCMODELS={"BACKEND": "immediate"})
-def test_immediate_backend_runs_on_commit_through_the_job(instance: Instance, queued_jobs: Callable[..., int]) -> None:
+def test_immediate_backend_runs_on_commit_through_the_job(
+    instance: Instance, queued_jobs: Callable[..., int]
+) -> None:
     with transaction.atomic():
         call = instance.provision(size="medium")
         instance.refresh_from_db()

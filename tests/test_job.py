@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import django_rq
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from pytest_django import DjangoAssertNumQueries
 
 from asyncmodels import dispatch
 from asyncmodels.job import run_method_call
@@ -169,7 +168,9 @@ def test_model_argument_is_reloaded_fresh_on_the_worker(instance: Instance, run_
     assert call.result == "vol-b attached to web1-renamed (running)"
 
 
-def test_model_argument_deleted_before_the_run_fails_readably(instance: Instance, run_worker: RunWorker) -> None:
+def test_model_argument_deleted_before_the_run_fails_readably(
+    instance: Instance, run_worker: RunWorker
+) -> None:
     volume = Volume.objects.create(label="vol-c")
     call = volume.attach(instance)
     instance.delete()
@@ -197,10 +198,10 @@ def test_call_path_query_count(instance: Instance) -> None:
     assert after_commit == ["INSERT", "UPDATE"]  # on commit: push, then pending -> enqueued
 
 
-def test_job_query_count(instance: Instance, django_assert_num_queries: Callable[..., object]) -> None:
+def test_job_query_count(instance: Instance, django_assert_num_queries: DjangoAssertNumQueries) -> None:
     call = instance.describe()
     # claim (UPDATE), read the call, reload the object, record the outcome (UPDATE).
-    with django_assert_num_queries(4):  # type: ignore[operator]
+    with django_assert_num_queries(4):
         run_method_call(call.pk, "default")
     call.refresh_from_db()
     assert call.state == CallState.SUCCEEDED

@@ -112,7 +112,7 @@ class Echo(models.Model):
     @async_method()
     def bump(self) -> int:
         """Count runs in the database, so tests can see a method ran exactly once."""
-        type(self).objects.filter(pk=self.pk).update(hits=models.F("hits") + 1)
+        type(self).objects.using(self._state.db).filter(pk=self.pk).update(hits=models.F("hits") + 1)
         self.refresh_from_db(fields=["hits"])
         return self.hits
 
