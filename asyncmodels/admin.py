@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
+from django.contrib.admin.utils import quote
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
@@ -78,7 +79,8 @@ class MethodCallAdmin(MethodCallAdminBase):
         label = f"{call.content_type.app_label}.{call.content_type.model} {call.object_id}"
         try:
             url = reverse(
-                f"admin:{call.content_type.app_label}_{call.content_type.model}_change", args=[call.object_id]
+                f"admin:{call.content_type.app_label}_{call.content_type.model}_change",
+                args=[quote(call.object_id)],
             )
         except NoReverseMatch:
             return label

@@ -1,0 +1,44 @@
+"""System checks: each wiring mistake has its own id."""
+
+from __future__ import annotations
+
+import pytest
+from django.apps import apps
+from django.test import override_settings
+
+from asyncmodels import checks
+from asyncmodels.exceptions import ConfigurationError
+
+
+def test_project_passes_all_checks() -> None:
+    assert checks.check_django_rq_installed() == []
+    assert checks.check_contenttypes_installed() == []
+    assert checks.check_settings() == []
+    assert checks.check_method_queues() == []
+
+
+def test_missing_django_rq_is_e001(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = apps.is_installed
+    monkeypatch.setattr(apps, "is_installed", lambda name: name != "django_rq" and real(name))
+    assert [message.id for message in checks.check_django_rq_installed()] == ["asyncmodels.E001"]
+
+
+def test_method_queue_missing_from_rq_queues_is_e002() -> None:
+    with override_settings(RQ_QUEUES={"default": {"URL": "redis://127.0.0.1:6379/0"}}):
+        messages = checks.check_method_queues()
+    assert {message.id for message in messages} == {"asyncmodels.E002"}
+    assert any("cloud.Instance.provision uses queue 'provisioning'" in message.msg for message in messages)
+
+
+@pytest.mark.parametrize(
+    ("setting", "text"), [({"BACKEND": "celery"}, "must be one of"), ({"BAKCEND": "rq"}, "Unknown key")]
+)
+def test_bad_asyncmodels_setting_is_e003(setting: dict[str, str], text: str) -> None:
+    with override_settings(ASYNCMODELS=setting):
+        messages = checks.check_settings()
+        with pytest.raises(ConfigurationError):
+            from asyncmodels import conf
+
+            conf.get_config()
+    assert [message.id for message in messages] == ["asyncmodels.E003"]
+    assert text in messages[0].msg
