@@ -48,7 +48,7 @@ def test_two_methods_under_one_registry_name_fail_at_import() -> None:
         class Meta:
             app_label = "cloud"
 
-    with pytest.raises(RegistrationError, match="share the registry name 'billing.charge'"):
+    with pytest.raises(RegistrationError, match=r"share the registry name 'billing\.charge'"):
 
         class Second(models.Model):
             @async_method(name="billing.charge")
