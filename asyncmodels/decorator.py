@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, overload
 
@@ -222,6 +223,17 @@ def async_method(
     def decorate(func: Callable[..., Any]) -> AsyncMethod:
         if not callable(func) or isinstance(func, (staticmethod, classmethod)):
             raise RegistrationError("@async_method decorates plain instance methods (def method(self, ...)).")
+        if (
+            inspect.iscoroutinefunction(func)
+            or inspect.isasyncgenfunction(func)
+            or inspect.isgeneratorfunction(func)
+        ):
+            # Calling one only creates a coroutine or generator: the body would never run, yet the
+            # call would be recorded as succeeded. Refuse instead of losing the work silently.
+            raise RegistrationError(
+                f"@async_method cannot decorate {func.__qualname__}: it is an async def or generator "
+                "function; decorate a plain def method."
+            )
         return AsyncMethod(func, options, name)
 
     if function is not None:

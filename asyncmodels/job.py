@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.db import close_old_connections
 from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 
@@ -43,6 +44,28 @@ def run_method_call(call_id: int, database: str = "default") -> None:
     Returns ``None`` in every case: the outcome is on the row, not in RQ. A call that is not
     claimable (already running, finished, cancelled, or unknown) is logged and left alone.
     """
+    in_worker = _running_under_rq()
+    if in_worker:
+        # RQ knows nothing of Django's request cycle: drop connections that broke or outlived
+        # CONN_MAX_AGE (a database restart, say) before and after each job, as a request would.
+        close_old_connections()
+    try:
+        _claim_and_run(call_id, database)
+    finally:
+        if in_worker:
+            close_old_connections()
+
+
+def _running_under_rq() -> bool:
+    from rq import get_current_job
+
+    try:
+        return get_current_job() is not None
+    except Exception:  # outside any RQ worker context
+        return False
+
+
+def _claim_and_run(call_id: int, database: str) -> None:
     manager = MethodCall.objects.using(database)
     claimed = manager.filter(pk=call_id, state__in=CLAIMABLE_STATES).update(
         state=CallState.RUNNING,

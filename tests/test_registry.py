@@ -97,3 +97,14 @@ def test_undecorated_methods_are_not_in_the_registry() -> None:
 def test_bad_decorator_options_fail_at_import(options: dict[str, object]) -> None:
     with pytest.raises(InvalidOptionError):
         async_method(**options)  # type: ignore[call-overload]
+
+
+def test_async_def_and_generator_methods_are_refused_at_import() -> None:
+    async def coroutine(self: object) -> None: ...
+
+    def generator(self: object) -> object:
+        yield None
+
+    for function in (coroutine, generator):
+        with pytest.raises(RegistrationError, match="plain def method"):
+            async_method()(function)
