@@ -16,26 +16,33 @@ DEFAULTS: Final[dict[str, Any]] = {
 }
 
 
-def get_config() -> dict[str, Any]:
-    """Return the effective configuration: ``DEFAULTS`` updated with ``settings.ASYNCMODELS``.
-
-    Raises ``ConfigurationError`` for an unknown key or a ``BACKEND`` not in ``BACKENDS``.
-    """
+def find_problems() -> list[str]:
+    """Return every problem with ``settings.ASYNCMODELS``, one message each (empty when valid)."""
     user = getattr(settings, "ASYNCMODELS", None) or {}
     if not isinstance(user, dict):
-        raise ConfigurationError("The ASYNCMODELS setting must be a dict.")
+        return [f"The ASYNCMODELS setting must be a dict, not {type(user).__name__}."]
+    problems = []
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
-        raise ConfigurationError(
+        problems.append(
             f"Unknown key(s) in the ASYNCMODELS setting: {', '.join(unknown)}. "
             f"Known keys: {', '.join(sorted(DEFAULTS))}."
         )
-    config = {**DEFAULTS, **user}
-    if config["BACKEND"] not in BACKENDS:
-        raise ConfigurationError(
-            f"ASYNCMODELS['BACKEND'] is {config['BACKEND']!r}; it must be one of {', '.join(BACKENDS)}."
-        )
-    return config
+    backend = user.get("BACKEND", DEFAULTS["BACKEND"])
+    if backend not in BACKENDS:
+        problems.append(f"ASYNCMODELS['BACKEND'] is {backend!r}; it must be one of {', '.join(BACKENDS)}.")
+    return problems
+
+
+def get_config() -> dict[str, Any]:
+    """Return the effective configuration: ``DEFAULTS`` updated with ``settings.ASYNCMODELS``.
+
+    Raises ``ConfigurationError`` listing every problem (an unknown key, a bad ``BACKEND``).
+    """
+    problems = find_problems()
+    if problems:
+        raise ConfigurationError(" ".join(problems))
+    return {**DEFAULTS, **(getattr(settings, "ASYNCMODELS", None) or {})}
 
 
 def get_backend_name() -> str:

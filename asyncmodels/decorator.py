@@ -42,7 +42,7 @@ class AsyncMethod:
         self.name = name
         self.owner: type[models.Model] | None = None
         self.attribute = function.__name__
-        functools.update_wrapper(self, function)  # type: ignore[arg-type]
+        functools.update_wrapper(self, function)
 
     def contribute_to_class(self, cls: type[models.Model], name: str, **kwargs: Any) -> None:
         """Called by Django's model metaclass; a plain class would call ``__set_name__`` instead."""
@@ -58,6 +58,14 @@ class AsyncMethod:
                 f"@async_method decorates {owner.__qualname__}.{name}, but {owner.__qualname__} is not a "
                 "Django model. Async methods must be methods of a model, so a worker can reload the object."
             )
+
+    def __call__(self, instance: models.Model, /, *args: Any, **kwargs: Any) -> MethodCall:
+        """``Model.method(instance, ...)``: the same as ``instance.method(...)``."""
+        if not isinstance(instance, models.Model):
+            raise InvalidArgumentsError(
+                f"{self.attribute}() called on the class needs a model instance first, not {instance!r}."
+            )
+        return self.__get__(instance, type(instance))(*args, **kwargs)
 
     @overload
     def __get__(self, instance: None, owner: type[models.Model]) -> AsyncMethod: ...
@@ -97,7 +105,8 @@ class BoundAsyncMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> MethodCall:
         """Record the call and push it to the queue when the instance's database commits.
 
-        Returns the new ``MethodCall`` (state ``pending``). Raises, writing nothing:
+        Returns the new ``MethodCall``: ``pending`` inside a transaction; outside one the push
+        happens at once (``refresh_from_db()`` shows the current state). Raises, writing nothing:
         ``UnsavedInstanceError``, ``InvalidArgumentsError``, ``UnsupportedArgumentError``,
         ``UnknownQueueError``. Inside ``transaction.atomic()`` the row is part of the caller's
         transaction; a rollback leaves no row and pushes nothing.
@@ -137,6 +146,20 @@ def _validate_options(options: MethodOptions, *, where: str) -> None:
         raise InvalidOptionError(f"{where}: queue must be a non-empty str, not {options.queue!r}.")
 
 
+def _refuse_unexpected_keywords(entry: RegisteredMethod, kwargs: dict[str, Any], label: str) -> None:
+    """Name a misspelt keyword, before ``bind()`` complains about the argument it was meant to be."""
+    parameters = list(entry.signature.parameters.values())[1:]  # without self
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unexpected = sorted(set(kwargs) - set(accepted))
+    if unexpected:
+        raise InvalidArgumentsError(
+            f"{label}(): got an unexpected keyword argument {unexpected[0]!r} "
+            f"(it accepts: {', '.join(accepted) or 'no keyword arguments'})."
+        )
+
+
 def make_call(
     entry: RegisteredMethod,
     instance: models.Model,
@@ -161,6 +184,7 @@ def make_call(
             f"{label}() was called on an unsaved {entry.model._meta.label}; save() it first "
             "so a worker can reload it by primary key."
         )
+    _refuse_unexpected_keywords(entry, kwargs, label)
     try:
         entry.signature.bind(instance, *args, **kwargs)
     except TypeError as exc:

@@ -46,6 +46,7 @@ def push(call: MethodCall) -> bool:
         from .job import run_method_call
 
         run_method_call(call.pk, database)
+        call.refresh_from_db()  # the caller may hold this very object: show it the outcome
         return True
     try:
         queue = get_queue(call.queue)

@@ -1,7 +1,7 @@
 """Exceptions raised by asyncmodels.
 
-Errors a caller can make are raised at call time, before anything is written (DESIGN.md,
-Guarantee 5). Wiring mistakes found at import time subclass Django's ``ImproperlyConfigured``.
+Errors a caller can make are raised at call time, before anything is written (README,
+Guarantees: 5). Wiring mistakes found at import time subclass Django's ``ImproperlyConfigured``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 RQ delivers ``run_method_call(call_id, database)``; everything else is read from the row. The
 claim is a compare-and-set (``pending``/``enqueued`` → ``running``), so a second delivery of the
-same job, or a push that raced with a cancel, runs nothing (DESIGN.md, Guarantee 3).
+same job, or a push that raced with a cancel, runs nothing (README, Guarantees: 3).
 """
 
 from __future__ import annotations

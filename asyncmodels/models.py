@@ -1,6 +1,6 @@
 """``MethodCall``: the durable record of one async method call, and its states.
 
-The row is the truth (DESIGN.md): every state change is a compare-and-set, a conditional
+The row is the truth: every state change is a compare-and-set, a conditional
 ``UPDATE ... WHERE state IN (...)`` whose row count says whether this process won. That is the
 lock; ``select_for_update`` would do nothing on SQLite and an RQ-delivered job holds no lock.
 Timestamps come from the database clock (``Now()``), never from the worker's.
@@ -90,7 +90,7 @@ class MethodCall(models.Model):
         ContentType, on_delete=models.PROTECT, related_name="+", help_text=_("The model of the object.")
     )
     # Text, so integer, UUID and string primary keys all fit; no cascading foreign key, so the
-    # history outlives the object (DESIGN.md, Decisions).
+    # history outlives the object (README, States).
     object_id = models.CharField(max_length=255, help_text=_("The object's primary key, as text."))
     content_object = GenericForeignKey("content_type", "object_id")
     method = models.CharField(max_length=255, help_text=_("Registry name of the decorated method."))
@@ -144,6 +144,23 @@ class MethodCall(models.Model):
         if self.started_at is None or self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+    @property
+    def return_value(self) -> Any:
+        """The method's result as Python (``result`` holds its typed JSON encoding).
+
+        Model instances in it are reloaded from the database on each access. Raises
+        ``asyncmodels.exceptions.DecodingError`` if a referenced row is gone.
+        """
+        from .serialization import decode
+
+        return decode(self.result)
+
+    def get_arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """The call's ``(args, kwargs)`` as Python, as the method receives them on the worker."""
+        from .serialization import decode
+
+        return decode(self.args), decode(self.kwargs)
 
     @property
     def job_id(self) -> str:

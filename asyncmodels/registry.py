@@ -2,7 +2,7 @@
 
 A stored call names its method by registry name (``"app_label.ModelName.method"`` unless the
 decorator was given ``name=``). The job resolves that name here and never with ``getattr`` on a
-stored string, so only ``@async_method`` methods can ever run from a row (DESIGN.md, Guarantee 4).
+stored string, so only ``@async_method`` methods can ever run from a row (README, Guarantees: 4).
 
 Models register when Django prepares them (the ``class_prepared`` signal), so a concrete model
 inheriting a decorated method from an abstract or concrete parent gets its own entry.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import enum
 import math
 import uuid
 import zoneinfo
@@ -103,6 +104,11 @@ def encode(value: Any, *, path: str = "value") -> JSONValue:
         return {TAG: "uuid", "value": str(value)}
     if isinstance(value, models.Model):
         return _encode_model(value, path)
+    if isinstance(value, enum.Enum):
+        raise EncodingError(
+            f"{path} is the enum member {kind.__qualname__}.{value.name}; pass its .value "
+            f"({value.value!r}) instead, enum types are not stored."
+        )
     raise EncodingError(
         f"{path} is of type {kind.__module__}.{kind.__qualname__}, which cannot be stored. Supported: "
         "None, bool, int, float, str, list, tuple, dict with str keys, aware datetime, date, time, "

@@ -12,7 +12,6 @@ from asyncmodels.exceptions import ConfigurationError
 
 def test_project_passes_all_checks() -> None:
     assert checks.check_django_rq_installed() == []
-    assert checks.check_contenttypes_installed() == []
     assert checks.check_settings() == []
     assert checks.check_method_queues() == []
 
@@ -42,3 +41,11 @@ def test_bad_asyncmodels_setting_is_e003(setting: dict[str, str], text: str) -> 
             conf.get_config()
     assert [message.id for message in messages] == ["asyncmodels.E003"]
     assert text in messages[0].msg
+
+
+def test_every_setting_problem_is_reported_at_once() -> None:
+    with override_settings(ASYNCMODELS={"BACKEND": "celery", "RETRIES": 3}):
+        messages = checks.check_settings()
+    assert [message.id for message in messages] == ["asyncmodels.E003", "asyncmodels.E003"]
+    assert "RETRIES" in messages[0].msg
+    assert "'celery'" in messages[1].msg

@@ -104,6 +104,7 @@ def test_unsaved_instance_is_refused(queued_jobs: Callable[..., int]) -> None:
     ("args", "kwargs", "message"),
     [
         ((), {"colour": "red"}, "unexpected keyword argument 'colour'"),
+        ((), {"sise": "large"}, r"unexpected keyword argument 'sise' \(it accepts: size\)"),
         (("small", "extra"), {}, "too many positional arguments"),
         (("small",), {"size": "large"}, "multiple values for argument 'size'"),
     ],
@@ -135,7 +136,7 @@ def test_missing_required_argument_is_refused(instance: Instance, queued_jobs: C
         (float("inf"), "only finite floats"),
         ({1: "int key"}, "dict keys must be str"),
         ([1, [2, object()]], r"kwargs\['value'\]\[1\]\[1\] is of type builtins.object"),
-        (Size.LARGE, "Size"),
+        (Size.LARGE, r"enum member Size.LARGE; pass its .value \('large'\)"),
         ("nul\x00byte", "NUL"),
         (lambda: None, "function"),
     ],
@@ -202,3 +203,23 @@ def test_call_made_on_an_instance_loaded_from_another_database(run_worker: RunWo
     run_worker()
     loaded.refresh_from_db()
     assert loaded.hits == 1
+
+
+def test_calling_through_the_class_is_the_same_as_through_the_instance(instance: Instance) -> None:
+    with transaction.atomic():
+        call = Instance.provision(instance, size="large")
+    assert call.method == "cloud.Instance.provision"
+    assert call.kwargs == {"size": "large"}
+    with pytest.raises(InvalidArgumentsError, match="needs a model instance"):
+        Instance.provision("not an instance")  # type: ignore[arg-type]
+
+
+def test_return_value_and_arguments_are_decoded(run_worker: RunWorker) -> None:
+    when = datetime.datetime(2026, 3, 1, 9, 30, tzinfo=datetime.UTC)
+    echo = Echo.objects.create()
+    call = echo.echo(when, label="x")
+    assert call.get_arguments() == ([when], {"label": "x"})
+    run_worker()
+    call.refresh_from_db()
+    assert call.return_value == {"args": [when], "kwargs": {"label": "x"}, "types": ["datetime"]}
+    assert call.result is not None and call.result["args"][0]["__type__"] == "datetime"
