@@ -190,10 +190,7 @@ def make_call(
     except TypeError as exc:
         raise InvalidArgumentsError(f"{label}(): {exc}") from exc
     try:
-        encoded_args = [serialization.encode(value, path=f"args[{i}]") for i, value in enumerate(args)]
-        encoded_kwargs = {
-            key: serialization.encode(value, path=f"kwargs[{key!r}]") for key, value in kwargs.items()
-        }
+        encoded_args, encoded_kwargs = serialization.encode_arguments(args, kwargs)
     except EncodingError as exc:
         raise UnsupportedArgumentError(f"{label}(): {exc}") from exc
     if options.queue not in conf.get_rq_queue_names():
@@ -213,7 +210,13 @@ def make_call(
         args=encoded_args,
         kwargs=encoded_kwargs,
     )
-    transaction.on_commit(functools.partial(dispatch.push, call), using=database, robust=True)
+
+    def push_committed_call() -> None:
+        # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
+        # with func.__qualname__, and a partial has none (django ticket #36487).
+        dispatch.push(call)
+
+    transaction.on_commit(push_committed_call, using=database, robust=True)
     return call
 
 

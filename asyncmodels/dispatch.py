@@ -48,6 +48,8 @@ def push(call: MethodCall) -> bool:
         run_method_call(call.pk, database)
         call.refresh_from_db()  # the caller may hold this very object: show it the outcome
         return True
+    from rq.exceptions import DuplicateJobError
+
     try:
         queue = get_queue(call.queue)
         queue.enqueue(
@@ -55,10 +57,15 @@ def push(call: MethodCall) -> bool:
             call.pk,
             database,
             job_id=call.job_id,
+            # One job per call and attempt: pushing again while RQ still holds the job is refused
+            # (two workers running one RQ job id confuse RQ's own registries).
+            unique=True,
             description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
             # Our row keeps the outcome; RQ's copy of the (empty) return value need not linger.
             result_ttl=0,
         )
+    except DuplicateJobError:
+        logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
     except Exception:
         logger.exception(
             "Could not push call %s (%s on object %s) to queue %r; it stays pending.",

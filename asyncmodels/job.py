@@ -13,8 +13,9 @@ import socket
 import traceback
 from typing import Any
 
+from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 
@@ -81,54 +82,106 @@ def _claim_and_run(call_id: int, database: str) -> None:
             database,
         )
         return
-    call = manager.get(pk=call_id)
+    try:
+        call = manager.get(pk=call_id)
+    except Exception as exc:  # a forged or corrupt row that cannot even be loaded
+        manager.filter(pk=call_id, state=CallState.RUNNING).update(
+            state=CallState.FAILED,
+            finished_at=Now(),
+            error_type="asyncmodels.RowUnreadable",
+            error=_storable_text(f"The call's row could not be read, so nothing was run: {_message(exc)}"),
+        )
+        logger.warning("Call %s could not be read and was failed: %r", call_id, exc)
+        return
     _run_claimed(call)
 
 
+class _CannotRun(Exception):
+    """The call cannot be run at all; nothing of the user's code was executed."""
+
+    def __init__(self, error_type: str, error: str) -> None:
+        super().__init__(error)
+        self.error_type = error_type
+        self.error = error
+
+
 def _run_claimed(call: MethodCall) -> None:
-    entry = registry.get_method(call.method)
-    if entry is None:
+    try:
+        function, instance, args, kwargs = _prepare(call)
+    except _CannotRun as refusal:
+        _record_failure(call, error_type=refusal.error_type, error=refusal.error)
+        return
+    try:
+        result = function(instance, *args, **kwargs)
+    except BaseException as exc:
         _record_failure(
             call,
-            error_type="asyncmodels.MethodNotRegistered",
-            error=f"No @async_method is registered as {call.method!r}; nothing was run.",
+            error_type=_type_name(exc),
+            error=_message(exc),
+            trace="".join(traceback.format_exception(exc)),
         )
+        if not isinstance(exc, Exception):
+            raise  # SystemExit, KeyboardInterrupt: recorded; now let the worker do what it must
         return
+    _record_success(call, result)
+
+
+def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """Find the method, reload the object and decode the arguments; raise ``_CannotRun`` if not."""
+    entry = registry.get_method(call.method)
+    if entry is None:
+        raise _CannotRun(
+            "asyncmodels.MethodNotRegistered",
+            f"No @async_method is registered as {call.method!r}; nothing was run.",
+        )
     database = call._state.db or "default"
+    label = entry.model._meta.label
+    expected = ContentType.objects.db_manager(database).get_for_model(entry.model)
+    if call.content_type_id != expected.pk:
+        raise _CannotRun(
+            "asyncmodels.ContentTypeMismatch",
+            f"The row points at content type {call.content_type_id}, but {call.method} is a method of "
+            f"{label} (content type {expected.pk}); nothing was run.",
+        )
     try:
         instance = entry.model._base_manager.db_manager(database).get(pk=call.object_id)
     except ObjectDoesNotExist:
-        _record_failure(
-            call,
-            error_type="asyncmodels.ObjectDoesNotExist",
-            error=f"The object is gone: {entry.model._meta.label} with pk={call.object_id!r} "
-            "no longer exists.",
-        )
-        return
+        raise _CannotRun(
+            "asyncmodels.ObjectDoesNotExist",
+            f"The object is gone: {label} with pk={call.object_id!r} no longer exists.",
+        ) from None
     except (ValueError, TypeError, ValidationError) as exc:
-        _record_failure(
-            call,
-            error_type="asyncmodels.InvalidObjectId",
-            error=f"Stored object id {call.object_id!r} is not a valid {entry.model._meta.label} pk: {exc}",
+        raise _CannotRun(
+            "asyncmodels.InvalidObjectId",
+            f"Stored object id {call.object_id!r} is not a valid {label} pk: {exc}",
+        ) from exc
+    if str(instance.pk) != call.object_id:
+        raise _CannotRun(
+            "asyncmodels.InvalidObjectId",
+            f"Stored object id {call.object_id!r} is not the canonical form of {label} pk {instance.pk!r}.",
         )
-        return
     try:
-        args = serialization.decode(call.args)
-        kwargs = serialization.decode(call.kwargs)
+        args, kwargs = serialization.decode_arguments(call.args, call.kwargs)
     except DecodingError as exc:
-        _record_failure(call, error_type="asyncmodels.ArgumentsUnavailable", error=str(exc))
-        return
+        raise _CannotRun("asyncmodels.ArgumentsUnavailable", str(exc)) from exc
+    return entry.function, instance, args, kwargs
+
+
+def _type_name(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _message(exc: BaseException) -> str:
     try:
-        result = entry.function(instance, *args, **kwargs)
-    except Exception as exc:
-        _record_failure(
-            call,
-            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            error=str(exc) or repr(exc),
-            trace="".join(traceback.format_exception(exc)),
-        )
-        return
-    _record_success(call, result)
+        text = str(exc)
+    except Exception:  # an exception whose __str__ itself fails
+        text = ""
+    return text or f"{type(exc).__qualname__} (no message)"
+
+
+def _storable_text(text: str) -> str:
+    """Text any database can store: NUL and lone surrogates replaced by escapes."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _finish(call: MethodCall, **changes: Any) -> None:
@@ -147,18 +200,37 @@ def _finish(call: MethodCall, **changes: Any) -> None:
 
 
 def _record_success(call: MethodCall, result: Any) -> None:
+    note = ""
     try:
         encoded = serialization.encode(result, path="result")
-        note = ""
     except EncodingError as exc:
         encoded = None
-        note = f"The method returned normally, but its result could not be stored: {exc}"
-    _finish(call, state=CallState.SUCCEEDED, result=encoded, result_note=note)
+        note = _storable_text(f"The method returned normally, but its result could not be stored: {exc}")
+    try:
+        _finish(call, state=CallState.SUCCEEDED, result=encoded, result_note=note)
+    except DatabaseError as exc:  # the database refused the result itself: keep the outcome
+        _finish(
+            call,
+            state=CallState.SUCCEEDED,
+            result=None,
+            result_note=_storable_text(
+                f"The method returned normally, but the database refused its result: {exc}"
+            ),
+        )
     logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
 
 
 def _record_failure(call: MethodCall, *, error_type: str, error: str, trace: str = "") -> None:
-    _finish(call, state=CallState.FAILED, error_type=error_type[:255], error=error, traceback=trace)
+    error_type, error, trace = _storable_text(error_type)[:255], _storable_text(error), _storable_text(trace)
+    try:
+        _finish(call, state=CallState.FAILED, error_type=error_type, error=error, traceback=trace)
+    except DatabaseError as exc:
+        _finish(
+            call,
+            state=CallState.FAILED,
+            error_type=error_type,
+            error=_storable_text(f"The call failed, but the database refused its error message: {exc}"),
+        )
     logger.warning(
         "Call %s (%s on %s) failed: %s: %s", call.pk, call.method, call.object_id, error_type, error
     )

@@ -158,9 +158,9 @@ class MethodCall(models.Model):
 
     def get_arguments(self) -> tuple[list[Any], dict[str, Any]]:
         """The call's ``(args, kwargs)`` as Python, as the method receives them on the worker."""
-        from .serialization import decode
+        from .serialization import decode_arguments
 
-        return decode(self.args), decode(self.kwargs)
+        return decode_arguments(self.args, self.kwargs)
 
     @property
     def job_id(self) -> str:

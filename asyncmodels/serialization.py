@@ -5,9 +5,11 @@ A value is stored as plain JSON when JSON keeps its type (``None``, ``bool``, ``
 tagged object ``{"__type__": <tag>, ...}``:
 
 =============  =====================================================================
-``datetime``   aware only; ISO 8601 plus the ``zoneinfo`` key when there is one
+``float``      only when JSON databases would change it (``1e16``, ``-0.0``): its repr
+``datetime``   aware only; ISO 8601, the ``zoneinfo`` key when there is one, and ``fold``
 ``date``       ISO 8601
-``time``       ISO 8601 (with its UTC offset when aware)
+``time``       ISO 8601 (with its UTC offset when aware; a zone without fixed offset is
+               refused) and ``fold``
 ``timedelta``  days, seconds, microseconds
 ``Decimal``    its exact string
 ``UUID``       its canonical string
@@ -38,6 +40,8 @@ from django.db import models
 from .exceptions import DecodingError, EncodingError
 
 TAG: Final = "__type__"
+#: Deeper nesting is refused at call time: a worker must be able to decode whatever was stored.
+MAX_DEPTH: Final = 100
 
 JSONValue = Any  # a value json.dumps accepts: the output of encode()
 
@@ -46,26 +50,81 @@ def encode(value: Any, *, path: str = "value") -> JSONValue:
     """Return ``value`` in the typed JSON encoding.
 
     ``path`` names the value in error messages (``"kwargs['when']"``, ``"args[0][2]"``).
-    Raises ``EncodingError`` naming the path and the type for anything not supported.
+    Raises ``EncodingError`` naming the path and the type for anything not supported, and for
+    values no database can store faithfully (NUL characters, lone surrogates, ints of more than
+    4300 digits, nesting deeper than ``MAX_DEPTH``).
     """
+    return _encode(value, path, 0)
+
+
+def encode_arguments(
+    args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], JSONValue]:
+    """Encode a call's positional and keyword arguments; raises ``EncodingError`` like ``encode``."""
+    encoded_args = [_encode(value, f"args[{index}]", 1) for index, value in enumerate(args)]
+    encoded_kwargs = {
+        _check_text(key, "a keyword argument name"): _encode(value, f"kwargs[{key!r}]", 1)
+        for key, value in kwargs.items()
+    }
+    if TAG in encoded_kwargs:  # a keyword argument literally named "__type__"
+        return encoded_args, {TAG: "dict", "items": encoded_kwargs}
+    return encoded_args, encoded_kwargs
+
+
+def decode_arguments(args: JSONValue, kwargs: JSONValue) -> tuple[list[Any], dict[str, Any]]:
+    """Decode stored arguments; raises ``DecodingError`` unless they are a list and a str-keyed dict."""
+    decoded_args, decoded_kwargs = decode(args), decode(kwargs)
+    if not isinstance(decoded_args, list):
+        raise DecodingError(f"Stored positional arguments are a {type(decoded_args).__name__}, not a list.")
+    if not isinstance(decoded_kwargs, dict) or not all(isinstance(key, str) for key in decoded_kwargs):
+        raise DecodingError(f"Stored keyword arguments are a {type(decoded_kwargs).__name__}, not a dict.")
+    return decoded_args, decoded_kwargs
+
+
+def _check_text(text: str, what: str) -> str:
+    if "\x00" in text:
+        # PostgreSQL's jsonb cannot store NUL characters; refuse everywhere for one behaviour.
+        raise EncodingError(f"{what} contains a NUL character (\\x00), which cannot be stored.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EncodingError(
+            f"{what} contains a surrogate code point ({text[exc.start]!r}), which is not valid "
+            "UTF-8 and cannot be stored; join surrogate pairs into one character first."
+        ) from exc
+    return text
+
+
+def _encode(value: Any, path: str, depth: int) -> JSONValue:
+    if depth > MAX_DEPTH:
+        raise EncodingError(f"{path} is nested more than {MAX_DEPTH} levels deep.")
     kind = type(value)
-    if value is None or kind is bool or kind is int:
+    if value is None or kind is bool:
+        return value
+    if kind is int:
+        if value.bit_length() > 64:
+            try:
+                str(value)
+            except ValueError as exc:  # Python refuses int <-> str beyond 4300 digits
+                raise EncodingError(f"{path} is an int too large to store as text: {exc}") from exc
         return value
     if kind is str:
-        if "\x00" in value:
-            # PostgreSQL's jsonb cannot store NUL characters; refuse everywhere for one behaviour.
-            raise EncodingError(
-                f"{path} is a str containing a NUL character (\\x00), which cannot be stored."
-            )
-        return value
+        return _check_text(value, f"{path} (a str)")
     if kind is float:
         if not math.isfinite(value):
             raise EncodingError(f"{path} is the float {value!r}; only finite floats can be stored in JSON.")
+        text = repr(value)
+        if "e" in text or (value == 0 and math.copysign(1.0, value) < 0):
+            # PostgreSQL's jsonb would give 1e16 back as the int 10000000000000000 and -0.0 as 0.
+            return {TAG: "float", "value": text}
         return value
     if kind is list:
-        return [encode(item, path=f"{path}[{index}]") for index, item in enumerate(value)]
+        return [_encode(item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)]
     if kind is tuple:
-        return {TAG: "tuple", "items": [encode(item, path=f"{path}[{i}]") for i, item in enumerate(value)]}
+        return {
+            TAG: "tuple",
+            "items": [_encode(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)],
+        }
     if kind is dict:
         encoded: dict[str, Any] = {}
         for key, item in value.items():
@@ -73,24 +132,16 @@ def encode(value: Any, *, path: str = "value") -> JSONValue:
                 raise EncodingError(
                     f"{path} has a key {key!r} of type {type(key).__name__}; dict keys must be str."
                 )
-            encoded[key] = encode(item, path=f"{path}[{key!r}]")
+            encoded[_check_text(key, f"a key of {path}")] = _encode(item, f"{path}[{key!r}]", depth + 1)
         if TAG in encoded:
             return {TAG: "dict", "items": encoded}
         return encoded
     if kind is datetime.datetime:
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise EncodingError(
-                f"{path} is a naive datetime ({value.isoformat()}); pass an aware datetime "
-                "(django.utils.timezone.now(), or datetime.replace(tzinfo=...))."
-            )
-        tagged: dict[str, Any] = {TAG: "datetime", "value": value.isoformat()}
-        if isinstance(value.tzinfo, zoneinfo.ZoneInfo):
-            tagged["zone"] = value.tzinfo.key
-        return tagged
+        return _encode_datetime(value, path)
     if kind is datetime.date:
         return {TAG: "date", "value": value.isoformat()}
     if kind is datetime.time:
-        return {TAG: "time", "value": value.isoformat()}
+        return _encode_time(value, path)
     if kind is datetime.timedelta:
         return {
             TAG: "timedelta",
@@ -116,6 +167,34 @@ def encode(value: Any, *, path: str = "value") -> JSONValue:
     )
 
 
+def _encode_datetime(value: datetime.datetime, path: str) -> JSONValue:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise EncodingError(
+            f"{path} is a naive datetime ({value.isoformat()}); pass an aware datetime "
+            "(django.utils.timezone.now(), or datetime.replace(tzinfo=...))."
+        )
+    tagged: dict[str, Any] = {TAG: "datetime", "value": value.isoformat()}
+    if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key is not None:
+        # Keep the zone, and rebuild from the wall time so that times in a DST gap or fold
+        # come back exactly as they were passed (astimezone() would normalise them).
+        tagged["zone"] = value.tzinfo.key
+    if value.fold:
+        tagged["fold"] = 1
+    return tagged
+
+
+def _encode_time(value: datetime.time, path: str) -> JSONValue:
+    if value.tzinfo is not None and value.utcoffset() is None:
+        raise EncodingError(
+            f"{path} is a time in the zone {value.tzinfo!r}, which has no fixed offset without a "
+            "date; pass a datetime, or a time with a fixed offset (datetime.timezone)."
+        )
+    tagged: dict[str, Any] = {TAG: "time", "value": value.isoformat()}
+    if value.fold:
+        tagged["fold"] = 1
+    return tagged
+
+
 def _encode_model(instance: models.Model, path: str) -> JSONValue:
     if instance._state.adding or instance.pk is None:
         raise EncodingError(
@@ -132,38 +211,47 @@ def _encode_model(instance: models.Model, path: str) -> JSONValue:
 def decode(value: JSONValue) -> Any:
     """Return the Python value for an ``encode()`` output; model references are reloaded.
 
-    Raises ``DecodingError`` for an unknown tag, a model that is not installed, or a referenced
-    row that no longer exists.
+    Raises ``DecodingError`` for an unknown tag, a malformed value, a model that is not
+    installed, or a referenced row that no longer exists.
     """
+    try:
+        return _decode(value)
+    except RecursionError as exc:  # a forged row nested beyond what encode() would write
+        raise DecodingError("Stored value is nested too deeply to decode.") from exc
+
+
+def _decode(value: JSONValue) -> Any:
     if isinstance(value, list):
-        return [decode(item) for item in value]
+        return [_decode(item) for item in value]
     if not isinstance(value, dict):
         return value
     tag = value.get(TAG)
     if tag is None:
-        return {key: decode(item) for key, item in value.items()}
+        return {key: _decode(item) for key, item in value.items()}
     try:
         return _decode_tagged(tag, value)
     except DecodingError:
         raise
-    except (KeyError, TypeError, ValueError, decimal.InvalidOperation, zoneinfo.ZoneInfoNotFoundError) as exc:
+    except Exception as exc:  # any malformed or forged row: report it, never crash the job
         raise DecodingError(f"Malformed stored value with tag {tag!r}: {exc!r}") from exc
 
 
 def _decode_tagged(tag: str, value: dict[str, Any]) -> Any:
     if tag == "dict":
-        return {key: decode(item) for key, item in value["items"].items()}
+        return {key: _decode(item) for key, item in value["items"].items()}
     if tag == "tuple":
-        return tuple(decode(item) for item in value["items"])
+        return tuple(_decode(item) for item in value["items"])
     if tag == "datetime":
         moment = datetime.datetime.fromisoformat(value["value"])
         if "zone" in value:
-            moment = moment.astimezone(zoneinfo.ZoneInfo(value["zone"]))
-        return moment
+            moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(value["zone"]))
+        return moment.replace(fold=value.get("fold", 0))
     if tag == "date":
         return datetime.date.fromisoformat(value["value"])
     if tag == "time":
-        return datetime.time.fromisoformat(value["value"])
+        return datetime.time.fromisoformat(value["value"]).replace(fold=value.get("fold", 0))
+    if tag == "float":
+        return float(value["value"])
     if tag == "timedelta":
         return datetime.timedelta(
             days=value["days"], seconds=value["seconds"], microseconds=value["microseconds"]
@@ -184,7 +272,7 @@ def _decode_model(value: dict[str, Any]) -> models.Model:
         raise DecodingError(
             f"Stored reference to {value['model']}, which is not an installed model."
         ) from exc
-    pk = decode(value["pk"])
+    pk = _decode(value["pk"])
     manager = model._base_manager.db_manager(value["db"])
     try:
         instance: models.Model = manager.get(pk=pk)

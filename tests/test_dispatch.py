@@ -148,3 +148,28 @@ def test_immediate_backend_records_failures_like_a_worker() -> None:
     assert call.state == CallState.FAILED
     assert call.error == "boom"
     assert call.error_type == "builtins.ValueError"
+
+
+def test_a_failing_push_does_not_break_the_commit_or_drop_other_pushes(
+    monkeypatch: pytest.MonkeyPatch, queued_jobs: Callable[..., int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whatever goes wrong in one on-commit push (here: an unexpected error), Django's robust
+    # on_commit must log it and still run the next call's push. Django 5.2 crashed on a
+    # functools.partial callback here (ticket #36487), so the callback must be a function.
+    real_push = dispatch.push
+    first, second = Echo.objects.create(), Echo.objects.create()
+
+    def flaky_push(call: MethodCall) -> bool:
+        if call.object_id == str(first.pk):
+            raise RuntimeError("unexpected failure inside push")
+        return real_push(call)
+
+    monkeypatch.setattr(dispatch, "push", flaky_push)
+    with caplog.at_level(logging.ERROR), transaction.atomic():
+        lost = first.bump()
+        kept = second.bump()
+    assert "unexpected failure inside push" in caplog.text
+    lost.refresh_from_db()
+    kept.refresh_from_db()
+    assert (lost.state, kept.state) == (CallState.PENDING, CallState.ENQUEUED)
+    assert queued_jobs() == 1

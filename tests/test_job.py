@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import django_rq
 import pytest
 from django.contrib.contenttypes.models import ContentType
@@ -205,3 +207,138 @@ def test_job_query_count(instance: Instance, django_assert_num_queries: DjangoAs
         run_method_call(call.pk, "default")
     call.refresh_from_db()
     assert call.state == CallState.SUCCEEDED
+
+
+def _forged_call(echo: Echo, **fields: object) -> MethodCall:
+    values: dict[str, object] = {
+        "content_type": ContentType.objects.get_for_model(Echo),
+        "object_id": str(echo.pk),
+        "method": "cloud.Echo.bump",
+        "queue": "default",
+        **fields,
+    }
+    call = MethodCall.objects.create(**values)
+    dispatch.push(call)
+    return call
+
+
+@pytest.mark.parametrize(
+    ("fields", "error_type"),
+    [
+        ({"method": "cloud.Echo.echo", "args": "ab"}, "asyncmodels.ArgumentsUnavailable"),
+        ({"method": "cloud.Echo.echo", "args": {"k1": 1}}, "asyncmodels.ArgumentsUnavailable"),
+        ({"method": "cloud.Echo.echo", "kwargs": ["x"]}, "asyncmodels.ArgumentsUnavailable"),
+        (
+            {
+                "method": "cloud.Echo.echo",
+                "args": [{"__type__": "model", "model": 5, "pk": 1, "db": "default"}],
+            },
+            "asyncmodels.ArgumentsUnavailable",
+        ),
+        (
+            {
+                "method": "cloud.Echo.echo",
+                "args": [{"__type__": "model", "model": "cloud.Echo", "pk": 1, "db": "nope"}],
+            },
+            "asyncmodels.ArgumentsUnavailable",
+        ),
+        (
+            {"method": "cloud.Echo.echo", "args": [{"__type__": "timedelta", "days": 10**10, "seconds": 0}]},
+            "asyncmodels.ArgumentsUnavailable",
+        ),
+        (
+            {"method": "os.system", "args": ["touch /tmp/asyncmodels-pwned"]},
+            "asyncmodels.MethodNotRegistered",
+        ),
+        ({"object_id": "not-a-number"}, "asyncmodels.InvalidObjectId"),
+    ],
+    ids=[
+        "args-str",
+        "args-dict",
+        "kwargs-list",
+        "bad-model-ref",
+        "bad-db-alias",
+        "timedelta-overflow",
+        "os-system",
+        "garbage-pk",
+    ],
+)
+def test_forged_rows_fail_readably_and_run_nothing(
+    run_worker: RunWorker, fields: dict[str, object], error_type: str
+) -> None:
+    echo = Echo.objects.create()
+    call = _forged_call(echo, **fields)
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.error_type) == (CallState.FAILED, error_type), call.error
+    assert call.error
+    echo.refresh_from_db()
+    assert echo.hits == 0
+
+
+def test_forged_row_with_padded_object_id_runs_nothing(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = _forged_call(echo, object_id=f" {echo.pk} ")
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.error_type) == (CallState.FAILED, "asyncmodels.InvalidObjectId")
+    echo.refresh_from_db()
+    assert echo.hits == 0
+
+
+def test_row_whose_content_type_disagrees_with_its_method_runs_nothing(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = _forged_call(echo, content_type=ContentType.objects.get_for_model(Instance))
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.error_type) == (CallState.FAILED, "asyncmodels.ContentTypeMismatch")
+    echo.refresh_from_db()
+    assert echo.hits == 0
+
+
+def test_forged_row_nested_too_deep_to_load_fails(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = _forged_call(echo, method="cloud.Echo.echo")
+    deep = "[" * 1500 + "]" * 1500  # valid JSON (SQLite allows 2000 levels); too deep for json.loads
+    placeholder = "%s::jsonb" if connection.vendor == "postgresql" else "%s"
+    with connection.cursor() as cursor:
+        sql = f"UPDATE asyncmodels_methodcall SET args = {placeholder} WHERE id = %s"  # noqa: S608
+        cursor.execute(sql, [deep, call.pk])
+    run_worker()
+    state, error_type = MethodCall.objects.filter(pk=call.pk).values_list("state", "error_type").get()
+    assert (state, error_type) == (CallState.FAILED, "asyncmodels.RowUnreadable")
+
+
+@pytest.mark.parametrize(
+    ("how", "state", "check"),
+    [
+        ("unprintable", CallState.FAILED, "Unprintable (no message)"),
+        ("nul-message", CallState.FAILED, "device sent \\x00 then \\ud800"),
+        ("nul-key-result", CallState.SUCCEEDED, "NUL character"),
+        ("huge-int-result", CallState.SUCCEEDED, "too large"),
+    ],
+)
+def test_awkward_errors_and_results_still_end_the_call(
+    run_worker: RunWorker, how: str, state: CallState, check: str
+) -> None:
+    call = Echo.objects.create().explode(how)
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == state
+    assert check in (call.error if state == CallState.FAILED else call.result_note)
+
+
+def test_method_raising_system_exit_is_recorded_then_propagates() -> None:
+    call = Echo.objects.create().explode("exit")
+    with pytest.raises(SystemExit):
+        run_method_call(call.pk, "default")
+    call.refresh_from_db()
+    assert (call.state, call.error_type) == (CallState.FAILED, "builtins.SystemExit")
+    assert call.finished_at is not None
+
+
+def test_pushing_a_call_rq_still_holds_adds_no_second_job(queued_jobs: Callable[..., int]) -> None:
+    call = Echo.objects.create().bump()
+    assert queued_jobs() == 1
+    assert dispatch.push(call) is True
+    assert queued_jobs() == 1

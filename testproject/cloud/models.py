@@ -121,5 +121,25 @@ class Echo(models.Model):
         raise ValueError(message)
 
     @async_method()
+    def explode(self, how: str) -> object:
+        """Fail or return in the awkward ways a real method can, for the job's robustness tests."""
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("str() of this exception fails")
+
+        if how == "exit":
+            raise SystemExit(3)
+        if how == "unprintable":
+            raise Unprintable
+        if how == "nul-message":
+            raise ValueError("device sent \x00 then \ud800")
+        if how == "nul-key-result":
+            return {"a\x00b": 1}
+        if how == "huge-int-result":
+            return 10**5000
+        raise ValueError(f"unknown way to explode: {how}")
+
+    @async_method()
     def unstorable(self) -> object:
         return object()
