@@ -1,7 +1,11 @@
-"""Access to the ``ASYNCMODELS`` setting, read on each use so ``override_settings`` works."""
+"""Access to the ``ASYNCMODELS`` setting, read on each use so ``override_settings`` works.
+
+Every duration setting is a number of seconds (``int`` or ``float``).
+"""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Final
 
 from django.conf import settings
@@ -13,7 +17,24 @@ BACKENDS: Final = ("rq", "immediate")
 DEFAULTS: Final[dict[str, Any]] = {
     # "rq": push to RQ through django-rq on commit; "immediate": run in-process on commit.
     "BACKEND": "rq",
+    # A running call's lease: how long it lasts, and how often the worker renews it (seconds).
+    "LEASE_SECONDS": 60,
+    "LEASE_RENEW_SECONDS": 20,
+    # How often each asyncmodels worker runs a recovery pass (seconds).
+    "RECOVERY_INTERVAL_SECONDS": 10,
+    # A pending or enqueued call is re-pushed by recovery once it is this old (seconds).
+    "PUSH_GRACE_SECONDS": 30,
+    # At most this many calls are handled per step of one recovery pass.
+    "RECOVERY_BATCH_SIZE": 500,
 }
+
+_POSITIVE_NUMBERS: Final = (
+    "LEASE_SECONDS",
+    "LEASE_RENEW_SECONDS",
+    "RECOVERY_INTERVAL_SECONDS",
+    "PUSH_GRACE_SECONDS",
+    "RECOVERY_BATCH_SIZE",
+)
 
 
 def find_problems() -> list[str]:
@@ -28,16 +49,27 @@ def find_problems() -> list[str]:
             f"Unknown key(s) in the ASYNCMODELS setting: {', '.join(unknown)}. "
             f"Known keys: {', '.join(sorted(DEFAULTS))}."
         )
-    backend = user.get("BACKEND", DEFAULTS["BACKEND"])
-    if backend not in BACKENDS:
-        problems.append(f"ASYNCMODELS['BACKEND'] is {backend!r}; it must be one of {', '.join(BACKENDS)}.")
+    config = {**DEFAULTS, **user}
+    if config["BACKEND"] not in BACKENDS:
+        problems.append(
+            f"ASYNCMODELS['BACKEND'] is {config['BACKEND']!r}; it must be one of {', '.join(BACKENDS)}."
+        )
+    for key in _POSITIVE_NUMBERS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"ASYNCMODELS[{key!r}] must be a positive number, not {value!r}.")
+    if not problems and config["LEASE_RENEW_SECONDS"] >= config["LEASE_SECONDS"]:
+        problems.append(
+            "ASYNCMODELS['LEASE_RENEW_SECONDS'] must be shorter than ASYNCMODELS['LEASE_SECONDS'], "
+            "or a busy worker's lease expires before it is renewed."
+        )
     return problems
 
 
 def get_config() -> dict[str, Any]:
     """Return the effective configuration: ``DEFAULTS`` updated with ``settings.ASYNCMODELS``.
 
-    Raises ``ConfigurationError`` listing every problem (an unknown key, a bad ``BACKEND``).
+    Raises ``ConfigurationError`` listing every problem (an unknown key, a bad value).
     """
     problems = find_problems()
     if problems:
@@ -48,6 +80,11 @@ def get_config() -> dict[str, Any]:
 def get_backend_name() -> str:
     """Return ``"rq"`` or ``"immediate"``; raises ``ConfigurationError`` for anything else."""
     return str(get_config()["BACKEND"])
+
+
+def get_seconds(key: str) -> datetime.timedelta:
+    """Return the duration setting ``key`` (stored in seconds) as a ``timedelta``."""
+    return datetime.timedelta(seconds=float(get_config()[key]))
 
 
 def get_rq_queue_names() -> set[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, overload
 
 from django.db import models, transaction
+from django.db.models.functions import Now
 
 from . import conf, dispatch, registry, serialization
 from .exceptions import (
@@ -20,7 +21,8 @@ from .exceptions import (
     UnsavedInstanceError,
     UnsupportedArgumentError,
 )
-from .registry import MethodOptions, RegisteredMethod
+from .options import FIXED_PER_METHOD, MethodOptions, build_options
+from .registry import RegisteredMethod
 
 if TYPE_CHECKING:
     from .models import MethodCall, MethodCallQuerySet
@@ -93,10 +95,17 @@ class BoundAsyncMethod:
     __name__: str
     __doc__: str | None
 
-    def __init__(self, entry: RegisteredMethod, instance: models.Model, options: MethodOptions) -> None:
+    def __init__(
+        self,
+        entry: RegisteredMethod,
+        instance: models.Model,
+        options: MethodOptions,
+        run_after: datetime.datetime | datetime.timedelta | None = None,
+    ) -> None:
         self.entry = entry
         self.instance = instance
         self.options = options
+        self.run_after = run_after
         functools.update_wrapper(self, entry.function)
 
     def __repr__(self) -> str:
@@ -111,27 +120,26 @@ class BoundAsyncMethod:
         ``UnknownQueueError``. Inside ``transaction.atomic()`` the row is part of the caller's
         transaction; a rollback leaves no row and pushes nothing.
         """
-        return make_call(self.entry, self.instance, args, kwargs, self.options)
+        return make_call(self.entry, self.instance, args, kwargs, self.options, self.run_after)
 
     def now(self, *args: Any, **kwargs: Any) -> Any:
         """Run the method here and now, without a record, and return its own result."""
         return self.entry.function(self.instance, *args, **kwargs)
 
-    def using(self, **options: Any) -> BoundAsyncMethod:
+    def using(self, *, run_after: Any = None, **options: Any) -> BoundAsyncMethod:
         """Return this method with options overridden for one call: ``using(queue="urgent")(...)``.
 
-        Raises ``InvalidOptionError`` for an option the decorator does not know or a bad value.
+        ``run_after`` (``timedelta`` from now, by the database's clock, or an aware ``datetime``)
+        makes the call ``scheduled``: it is pushed once due. Any ``@async_method`` option but
+        ``retry_on`` may be overridden. Raises ``InvalidOptionError`` for an unknown option, a
+        bad value or a naive ``datetime``.
         """
-        known = {field.name for field in dataclasses.fields(MethodOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InvalidOptionError(
-                f"Unknown option(s) for {self.entry.name}: {', '.join(unknown)}. "
-                f"Known: {', '.join(sorted(known))}."
-            )
-        merged = dataclasses.replace(self.options, **options)
-        _validate_options(merged, where=f"{self.entry.name}.using()")
-        return BoundAsyncMethod(self.entry, self.instance, merged)
+        where = f"{self.entry.name}.using()"
+        fixed = sorted(set(options) & FIXED_PER_METHOD)
+        if fixed:
+            raise InvalidOptionError(f"{where}: {', '.join(fixed)} is set per method, in @async_method(...).")
+        merged = build_options(where, self.options, **options)
+        return BoundAsyncMethod(self.entry, self.instance, merged, _check_run_after(run_after, where))
 
     def calls(self) -> MethodCallQuerySet:
         """This object's calls of this method, newest first, on the instance's database."""
@@ -141,9 +149,21 @@ class BoundAsyncMethod:
         return MethodCall.objects.using(database).for_object(self.instance).for_method(self.entry.name)
 
 
-def _validate_options(options: MethodOptions, *, where: str) -> None:
-    if not isinstance(options.queue, str) or not options.queue:
-        raise InvalidOptionError(f"{where}: queue must be a non-empty str, not {options.queue!r}.")
+def _check_run_after(value: Any, where: str) -> datetime.datetime | datetime.timedelta | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidOptionError(
+                f"{where}: run_after is a naive datetime ({value.isoformat()}); pass an aware one "
+                "(django.utils.timezone.now() + ...) or a timedelta."
+            )
+        return value
+    if isinstance(value, datetime.timedelta):
+        if value < datetime.timedelta(0):
+            raise InvalidOptionError(f"{where}: run_after must not be a negative timedelta, not {value}.")
+        return value
+    raise InvalidOptionError(f"{where}: run_after must be a timedelta or an aware datetime, not {value!r}.")
 
 
 def _refuse_unexpected_keywords(entry: RegisteredMethod, kwargs: dict[str, Any], label: str) -> None:
@@ -166,6 +186,7 @@ def make_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     options: MethodOptions,
+    run_after: datetime.datetime | datetime.timedelta | None = None,
 ) -> MethodCall:
     """Validate a call, write its ``MethodCall`` row and register the push on commit.
 
@@ -176,7 +197,7 @@ def make_call(
     """
     from django.contrib.contenttypes.models import ContentType
 
-    from .models import MethodCall
+    from .models import CallState, MethodCall
 
     label = f"{entry.model._meta.label}.{entry.attribute}"
     if instance._state.adding or instance.pk is None:
@@ -202,6 +223,7 @@ def make_call(
 
     database = instance._state.db or "default"
     content_type = ContentType.objects.db_manager(database).get_for_model(instance)
+    scheduled = run_after is not None
     call = MethodCall.objects.using(database).create(
         content_type=content_type,
         object_id=str(instance.pk),
@@ -209,12 +231,21 @@ def make_call(
         queue=options.queue,
         args=encoded_args,
         kwargs=encoded_kwargs,
+        policy=options.to_policy(),
+        state=CallState.SCHEDULED if scheduled else CallState.PENDING,
+        # A delay counts from the database's clock, like every due-ness check.
+        run_after=Now() + run_after if isinstance(run_after, datetime.timedelta) else run_after,
     )
+    if isinstance(run_after, datetime.timedelta):
+        call.refresh_from_db(fields=["run_after"])
 
     def push_committed_call() -> None:
         # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
         # with func.__qualname__, and a partial has none (django ticket #36487).
-        dispatch.push(call)
+        if scheduled:
+            dispatch.push_if_due(call)
+        else:
+            dispatch.push(call)
 
     transaction.on_commit(push_committed_call, using=database, robust=True)
     return call
@@ -226,24 +257,44 @@ def async_method(function: Callable[..., Any], /) -> AsyncMethod: ...
 
 @overload
 def async_method(
-    *, queue: str = "default", name: str | None = None
+    *,
+    queue: str = "default",
+    name: str | None = None,
+    retries: int = 0,
+    retry_backoff: datetime.timedelta | float = ...,
+    retry_backoff_max: datetime.timedelta | float = ...,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = ...,
+    timeout: datetime.timedelta | float | None = None,
+    atomic: bool = False,
 ) -> Callable[[Callable[..., Any]], AsyncMethod]: ...
 
 
 def async_method(
-    function: Callable[..., Any] | None = None, /, *, queue: str = "default", name: str | None = None
+    function: Callable[..., Any] | None = None,
+    /,
+    *,
+    queue: str = "default",
+    name: str | None = None,
+    **options: Any,
 ) -> AsyncMethod | Callable[[Callable[..., Any]], AsyncMethod]:
     """Decorate a model method so that calling it records a ``MethodCall`` run later by a worker.
 
     ``queue`` (str): the django-rq queue (a key of ``RQ_QUEUES``) the call is pushed to.
     ``name`` (str | None): the registry name stored on each row; defaults to
     ``"app_label.ModelName.method"``. Give one to keep old rows runnable across a rename.
+    ``retries`` (int, default 0): further attempts after a failed one, ``retries + 1`` in all.
+    ``retry_backoff`` (``timedelta`` or seconds, default 10 s) and ``retry_backoff_max`` (default
+    1 h): the first wait before a retry, and the cap as waits double (with jitter).
+    ``retry_on`` (exception class or tuple, default ``Exception``): which errors are retried; a lost
+    worker or a timed-out attempt is retried whenever ``retries`` allows.
+    ``timeout`` (``timedelta`` or seconds, at least 1 s; default none): bounds one attempt, as RQ's
+    job timeout. ``atomic`` (bool): run the method in a transaction that also records its success,
+    so its database writes and the ``succeeded`` state commit together or not at all.
 
     Usable bare (``@async_method``) or with options. Raises ``RegistrationError`` at import if the
     class is not a Django model or the registry name is taken, ``InvalidOptionError`` for bad options.
     """
-    options = MethodOptions(queue=queue)
-    _validate_options(options, where="@async_method")
+    method_options = build_options("@async_method", queue=queue, **options)
     if name is not None and (not isinstance(name, str) or not name):
         raise InvalidOptionError(f"@async_method: name must be a non-empty str, not {name!r}.")
 
@@ -261,7 +312,7 @@ def async_method(
                 f"@async_method cannot decorate {func.__qualname__}: it is an async def or generator "
                 "function; decorate a plain def method."
             )
-        return AsyncMethod(func, options, name)
+        return AsyncMethod(func, method_options, name)
 
     if function is not None:
         return decorate(function)

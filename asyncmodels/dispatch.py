@@ -10,6 +10,7 @@ caller's commit has already happened and must not fail because Redis is down.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from . import conf
@@ -50,6 +51,7 @@ def push(call: MethodCall) -> bool:
         return True
     from rq.exceptions import DuplicateJobError
 
+    timeout = (call.policy or {}).get("timeout")
     try:
         queue = get_queue(call.queue)
         queue.enqueue(
@@ -63,10 +65,12 @@ def push(call: MethodCall) -> bool:
             description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
             # Our row keeps the outcome; RQ's copy of the (empty) return value need not linger.
             result_ttl=0,
+            # None keeps the queue's DEFAULT_TIMEOUT (RQ's default: 180 s).
+            job_timeout=math.ceil(timeout) if timeout else None,
         )
     except DuplicateJobError:
         logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
-    except Exception:
+    except Exception as exc:
         logger.exception(
             "Could not push call %s (%s on object %s) to queue %r; it stays pending.",
             call.pk,
@@ -74,6 +78,43 @@ def push(call: MethodCall) -> bool:
             call.object_id,
             call.queue,
         )
+        _note_push_failure(call, exc)
         return False
     call.mark_enqueued()
     return True
+
+
+def _note_push_failure(call: MethodCall, exc: Exception) -> None:
+    """Say on the row why it is still pending; never raise (Redis is down, the database may be too)."""
+    from .models import CallState, MethodCall
+
+    reason = (
+        f"The push to queue {call.queue!r} failed ({type(exc).__name__}: {exc}); recovery will push it again."
+    )
+    try:
+        MethodCall.objects.using(call._state.db).filter(pk=call.pk, state=CallState.PENDING).update(
+            state_reason=reason[:2000]
+        )
+    except Exception:
+        logger.exception("Could not record the failed push of call %s.", call.pk)
+
+
+def push_if_due(call: MethodCall) -> bool:
+    """Push a ``scheduled`` call if its ``run_after`` has come (by the database's clock).
+
+    A compare-and-set ``scheduled`` → ``pending`` first, so of several processes only one pushes.
+    Returns whether this process pushed it; a call not yet due is left for recovery.
+    """
+    from django.db.models.functions import Now
+
+    from .models import CallState, MethodCall
+
+    promoted = (
+        MethodCall.objects.using(call._state.db)
+        .filter(pk=call.pk, state=CallState.SCHEDULED, run_after__lte=Now())
+        .update(state=CallState.PENDING, state_reason="")
+    )
+    if not promoted:
+        return False
+    call.state = CallState.PENDING
+    return push(call)

@@ -2,7 +2,12 @@
 
 RQ delivers ``run_method_call(call_id, database)``; everything else is read from the row. The
 claim is a compare-and-set (``pending``/``enqueued`` → ``running``), so a second delivery of the
-same job, or a push that raced with a cancel, runs nothing (README, Guarantees: 3).
+same job, or a push that raced with a cancel, runs nothing (README, Guarantees: 3). A claimed
+call holds a lease (``lease_expires_at``) that a thread renews while the method runs; if the
+worker dies, the lease runs out and recovery ends or retries the call.
+
+Every record of an outcome is itself a compare-and-set on (state ``running``, this attempt), so
+an attempt that recovery already declared lost cannot overwrite what happened since.
 """
 
 from __future__ import annotations
@@ -10,18 +15,28 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 import traceback
 from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
-from django.db import DatabaseError, close_old_connections
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 from django.db.models import F
 from django.db.models.functions import Coalesce, Now
 
-from . import registry, serialization
+from . import conf, registry, serialization
 from .exceptions import DecodingError, EncodingError
 from .models import CLAIMABLE_STATES, CallState, MethodCall
+from .options import policy_from_row
 
 logger = logging.getLogger("asyncmodels.job")
 
@@ -43,7 +58,8 @@ def run_method_call(call_id: int, database: str = "default") -> None:
     """Run the call ``call_id`` stored on ``database`` if this process can claim it.
 
     Returns ``None`` in every case: the outcome is on the row, not in RQ. A call that is not
-    claimable (already running, finished, cancelled, or unknown) is logged and left alone.
+    claimable (already running, finished, cancelled, scheduled, or unknown) is left alone.
+    ``SystemExit`` and ``KeyboardInterrupt`` raised by the method are recorded, then re-raised.
     """
     in_worker = _running_under_rq()
     if in_worker:
@@ -66,28 +82,42 @@ def _running_under_rq() -> bool:
         return False
 
 
-def _claim_and_run(call_id: int, database: str) -> None:
-    manager = MethodCall.objects.using(database)
-    claimed = manager.filter(pk=call_id, state__in=CLAIMABLE_STATES).update(
-        state=CallState.RUNNING,
-        attempts=F("attempts") + 1,
-        worker=current_worker_name()[:255],
-        started_at=Now(),
-        enqueued_at=Coalesce(F("enqueued_at"), Now()),
-    )
-    if not claimed:
-        logger.info(
-            "Call %s on database %r is not claimable (not found, or not pending/enqueued); skipped.",
-            call_id,
-            database,
+def _claim(call_id: int, database: str) -> int:
+    lease = conf.get_seconds("LEASE_SECONDS")
+    return (
+        MethodCall.objects.using(database)
+        .filter(pk=call_id, state__in=CLAIMABLE_STATES)
+        .update(
+            state=CallState.RUNNING,
+            attempts=F("attempts") + 1,
+            worker=current_worker_name()[:255],
+            started_at=Now(),
+            finished_at=None,
+            lease_expires_at=Now() + lease,
+            state_reason="",
+            enqueued_at=Coalesce(F("enqueued_at"), Now()),
         )
+    )
+
+
+def _claim_and_run(call_id: int, database: str) -> None:
+    try:
+        claimed = _claim(call_id, database)
+    except (OperationalError, InterfaceError):
+        # The connection died under us (database restarted, backend terminated): one fresh try.
+        connections[database].close()
+        claimed = _claim(call_id, database)
+    if not claimed:
+        logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
         return
+    manager = MethodCall.objects.using(database)
     try:
         call = manager.get(pk=call_id)
     except Exception as exc:  # a forged or corrupt row that cannot even be loaded
         manager.filter(pk=call_id, state=CallState.RUNNING).update(
             state=CallState.FAILED,
             finished_at=Now(),
+            lease_expires_at=None,
             error_type="asyncmodels.RowUnreadable",
             error=_storable_text(f"The call's row could not be read, so nothing was run: {_message(exc)}"),
         )
@@ -97,7 +127,7 @@ def _claim_and_run(call_id: int, database: str) -> None:
 
 
 class _CannotRun(Exception):
-    """The call cannot be run at all; nothing of the user's code was executed."""
+    """The call cannot be run at all; nothing of the user's code was executed. Never retried."""
 
     def __init__(self, error_type: str, error: str) -> None:
         super().__init__(error)
@@ -105,25 +135,106 @@ class _CannotRun(Exception):
         self.error = error
 
 
+class _AttemptTakenOver(Exception):
+    """Recording success found the attempt no longer ours: roll the method's writes back."""
+
+
+class LeaseKeeper:
+    """Renew a running call's lease from a background thread until stopped.
+
+    The thread uses its own database connection (Django's are per thread) and stops on its own
+    when the row is no longer this attempt's (cancelled, or declared lost by recovery).
+    """
+
+    def __init__(self, call: MethodCall) -> None:
+        self.call = call
+        self.interval = conf.get_seconds("LEASE_RENEW_SECONDS").total_seconds()
+        self.length = conf.get_seconds("LEASE_SECONDS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"asyncmodels-lease-{call.pk}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                renewed = (
+                    MethodCall.objects.using(self.call._state.db)
+                    .filter(pk=self.call.pk, state=CallState.RUNNING, attempts=self.call.attempts)
+                    .update(lease_expires_at=Now() + self.length)
+                )
+                if not renewed:
+                    logger.warning(
+                        "Call %s attempt %s is no longer ours; lease not renewed.",
+                        self.call.pk,
+                        self.call.attempts,
+                    )
+                    return
+        except Exception:
+            logger.exception("Renewing the lease of call %s failed; recovery may take it over.", self.call.pk)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+
 def _run_claimed(call: MethodCall) -> None:
+    started = time.monotonic()
     try:
         function, instance, args, kwargs = _prepare(call)
     except _CannotRun as refusal:
-        _record_failure(call, error_type=refusal.error_type, error=refusal.error)
+        _record_failure(call, refusal.error_type, refusal.error, "", started, retryable=False)
         return
+    entry = registry.get_method(call.method)
+    atomic = bool((call.policy or {}).get("atomic"))
     try:
-        result = function(instance, *args, **kwargs)
+        with LeaseKeeper(call):
+            if atomic:
+                with transaction.atomic(using=call._state.db):
+                    result = function(instance, *args, **kwargs)
+                    if not _record_success(call, result, started):
+                        raise _AttemptTakenOver
+            else:
+                result = function(instance, *args, **kwargs)
+    except _AttemptTakenOver:
+        logger.warning(
+            "Call %s attempt %s was taken over while it ran; its writes were rolled back.",
+            call.pk,
+            call.attempts,
+        )
+        return
     except BaseException as exc:
+        retry_on = entry.options.retry_on if entry is not None else ()
         _record_failure(
             call,
-            error_type=_type_name(exc),
-            error=_message(exc),
-            trace="".join(traceback.format_exception(exc)),
+            _type_name(exc),
+            _message(exc),
+            "".join(traceback.format_exception(exc)),
+            started,
+            retryable=isinstance(exc, retry_on) or _is_timeout(exc) or not isinstance(exc, Exception),
+            outcome=_outcome_of(exc),
         )
         if not isinstance(exc, Exception):
             raise  # SystemExit, KeyboardInterrupt: recorded; now let the worker do what it must
         return
-    _record_success(call, result)
+    if not atomic:
+        _record_success(call, result, started)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    from rq.timeouts import JobTimeoutException
+
+    return isinstance(exc, JobTimeoutException)
+
+
+def _outcome_of(exc: BaseException) -> str:
+    if _is_timeout(exc):
+        return "timed out"
+    return "failed" if isinstance(exc, Exception) else "interrupted"
 
 
 def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
@@ -184,12 +295,12 @@ def _storable_text(text: str) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _finish(call: MethodCall, **changes: Any) -> None:
-    """``running`` → terminal, only for the attempt this process claimed."""
+def _finish(call: MethodCall, **changes: Any) -> bool:
+    """Apply ``changes`` if the row is still this attempt's; return whether it was."""
     updated = (
         MethodCall.objects.using(call._state.db)
         .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
-        .update(finished_at=Now(), **changes)
+        .update(lease_expires_at=None, **changes)
     )
     if not updated:
         logger.warning(
@@ -197,40 +308,85 @@ def _finish(call: MethodCall, **changes: Any) -> None:
             call.pk,
             call.attempts,
         )
+    return bool(updated)
 
 
-def _record_success(call: MethodCall, result: Any) -> None:
+def attempt_entry(call: MethodCall, outcome: str, duration: float | None, error: str = "") -> dict[str, Any]:
+    """One entry of ``MethodCall.attempt_log``: who ran which attempt, when, how long, how it ended."""
+    return {
+        "attempt": call.attempts,
+        "worker": call.worker,
+        "started_at": call.started_at.isoformat() if call.started_at else None,
+        "duration": round(duration, 3) if duration is not None else None,
+        "outcome": outcome,
+        "error": _storable_text(error)[:500],
+    }
+
+
+def _record_success(call: MethodCall, result: Any, started: float) -> bool:
     note = ""
     try:
         encoded = serialization.encode(result, path="result")
     except EncodingError as exc:
         encoded = None
         note = _storable_text(f"The method returned normally, but its result could not be stored: {exc}")
+    log = [*call.attempt_log, attempt_entry(call, "succeeded", time.monotonic() - started)]
+    done = {"state": CallState.SUCCEEDED, "finished_at": Now(), "attempt_log": log, "state_reason": ""}
     try:
-        _finish(call, state=CallState.SUCCEEDED, result=encoded, result_note=note)
+        recorded = _finish(call, result=encoded, result_note=note, **done)
     except DatabaseError as exc:  # the database refused the result itself: keep the outcome
-        _finish(
-            call,
-            state=CallState.SUCCEEDED,
-            result=None,
-            result_note=_storable_text(
-                f"The method returned normally, but the database refused its result: {exc}"
-            ),
-        )
-    logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
+        if transaction.get_connection(call._state.db).in_atomic_block:
+            raise  # atomic=True: the transaction is broken; the attempt fails and rolls back
+        note = f"The method returned normally, but the database refused its result: {exc}"
+        recorded = _finish(call, result=None, result_note=_storable_text(note), **done)
+    if recorded:
+        logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
+    return recorded
 
 
-def _record_failure(call: MethodCall, *, error_type: str, error: str, trace: str = "") -> None:
+def _record_failure(
+    call: MethodCall,
+    error_type: str,
+    error: str,
+    trace: str,
+    started: float,
+    *,
+    retryable: bool,
+    outcome: str = "failed",
+) -> None:
     error_type, error, trace = _storable_text(error_type)[:255], _storable_text(error), _storable_text(trace)
-    try:
-        _finish(call, state=CallState.FAILED, error_type=error_type, error=error, traceback=trace)
-    except DatabaseError as exc:
-        _finish(
-            call,
-            state=CallState.FAILED,
-            error_type=error_type,
-            error=_storable_text(f"The call failed, but the database refused its error message: {exc}"),
+    policy = policy_from_row(call.policy)
+    log = [
+        *call.attempt_log,
+        attempt_entry(call, outcome, time.monotonic() - started, f"{error_type}: {error}"),
+    ]
+    errors = {"error_type": error_type, "error": error, "traceback": trace, "attempt_log": log}
+    if retryable and policy.allows_another_attempt(call.attempts):
+        delay = policy.delay_after(call.attempts)
+        reason = (
+            f"Attempt {call.attempts} {outcome} ({error_type}); attempt {call.attempts + 1} of "
+            f"{policy.retries + 1} is due in {delay.total_seconds():.1f} s."
         )
-    logger.warning(
-        "Call %s (%s on %s) failed: %s: %s", call.pk, call.method, call.object_id, error_type, error
-    )
+        changes = {"state": CallState.SCHEDULED, "run_after": Now() + delay, "state_reason": reason}
+    else:
+        changes = {"state": CallState.FAILED, "finished_at": Now(), "state_reason": ""}
+    try:
+        recorded = _finish(call, **errors, **changes)
+    except DatabaseError as exc:
+        errors["error"] = _storable_text(
+            f"The call failed, but the database refused its error message: {exc}"
+        )
+        errors["traceback"] = ""
+        recorded = _finish(call, **errors, **changes)
+    if recorded:
+        logger.warning(
+            "Call %s (%s on %s) attempt %s %s: %s: %s%s",
+            call.pk,
+            call.method,
+            call.object_id,
+            call.attempts,
+            outcome,
+            error_type,
+            error,
+            "; retry scheduled" if changes["state"] == CallState.SCHEDULED else "",
+        )

@@ -108,6 +108,21 @@ class MethodCall(models.Model):
 
     attempts = models.PositiveIntegerField(default=0, help_text=_("Attempts started so far."))
     worker = models.CharField(max_length=255, blank=True, help_text=_("Name of the worker that ran it."))
+    policy = models.JSONField(
+        default=dict, blank=True, help_text=_("This call's retry and timeout options (seconds).")
+    )
+    attempt_log = models.JSONField(
+        default=list,
+        blank=True,
+        help_text=_("One entry per finished attempt: worker, start, duration, outcome."),
+    )
+    state_reason = models.TextField(
+        blank=True, help_text=_("Why the call is in its state: a failed push, a retry, a lost worker.")
+    )
+    run_after = models.DateTimeField(null=True, blank=True, help_text=_("When a scheduled call becomes due."))
+    lease_expires_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("A running call whose lease expired has lost its worker.")
+    )
 
     created_at = models.DateTimeField(db_default=Now())
     enqueued_at = models.DateTimeField(null=True, blank=True)
@@ -124,6 +139,22 @@ class MethodCall(models.Model):
             models.Index(fields=["content_type", "object_id", "method"], name="asyncmodels_call_object"),
             models.Index(fields=["state", "queue"], name="asyncmodels_call_state"),
             models.Index(fields=["created_at"], name="asyncmodels_call_created"),
+            # Partial indexes for recovery: each holds only the few rows in one state, so a pass
+            # over a table of millions of finished calls reads a handful of index entries.
+            models.Index(
+                fields=["created_at"], condition=models.Q(state="pending"), name="asyncmodels_call_pending"
+            ),
+            models.Index(
+                fields=["enqueued_at"], condition=models.Q(state="enqueued"), name="asyncmodels_call_enqueued"
+            ),
+            models.Index(
+                fields=["run_after"], condition=models.Q(state="scheduled"), name="asyncmodels_call_due"
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=models.Q(state="running"),
+                name="asyncmodels_call_lease",
+            ),
         )
         permissions = (
             ("retry_methodcall", _("Can retry method calls")),
@@ -181,7 +212,7 @@ class MethodCall(models.Model):
     def mark_enqueued(self) -> bool:
         """``pending`` → ``enqueued`` after a successful push; return whether this process won."""
         won = self._compare_and_set(
-            frozenset({CallState.PENDING}), state=CallState.ENQUEUED, enqueued_at=Now()
+            frozenset({CallState.PENDING}), state=CallState.ENQUEUED, enqueued_at=Now(), state_reason=""
         )
         if won:
             self.state = CallState.ENQUEUED

@@ -19,16 +19,10 @@ from django.db import models
 from django.db.models.signals import class_prepared
 
 from .exceptions import RegistrationError
+from .options import MethodOptions
 
 if TYPE_CHECKING:
     from .decorator import AsyncMethod
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Options of one decorated method; ``using()`` overrides them for a single call."""
-
-    queue: str = "default"
 
 
 @dataclass(frozen=True)
