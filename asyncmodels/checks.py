@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig, apps
+from django.conf import settings
 from django.core import checks
 
 from . import conf, registry
@@ -21,6 +22,13 @@ E001 = checks.Error(
 )
 E002 = "asyncmodels.E002"  # a decorated method's queue is not in RQ_QUEUES
 E003 = "asyncmodels.E003"  # the ASYNCMODELS setting is invalid
+W001 = checks.Warning(
+    "RQ's WORKER_CLASS is not an asyncmodels worker, so no worker runs recovery: calls whose push "
+    "or worker was lost stay stuck until something else runs it.",
+    hint="Set RQ = {'WORKER_CLASS': 'asyncmodels.worker.Worker'} (or pass --worker-class to rqworker), "
+    "or run 'manage.py asyncmodels_recover --loop' beside your workers.",
+    id="asyncmodels.W001",
+)
 
 
 @checks.register(checks.Tags.compatibility)
@@ -56,3 +64,24 @@ def check_settings(
     """E003: the ASYNCMODELS setting must be valid; one message per problem."""
     hint = "See the Configure section of the README."
     return [checks.Error(problem, hint=hint, id=E003) for problem in conf.find_problems()]
+
+
+@checks.register(checks.Tags.compatibility)
+def check_worker_class(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W001: with the rq backend, django-rq's WORKER_CLASS should run recovery."""
+    if conf.find_problems() or conf.get_backend_name() != "rq":
+        return []
+    from rq.utils import import_attribute
+
+    from .worker import RecoveryMixin
+
+    worker_class = (getattr(settings, "RQ", None) or {}).get("WORKER_CLASS")
+    try:
+        resolved = import_attribute(worker_class) if isinstance(worker_class, str) else worker_class
+    except (ImportError, AttributeError, ValueError):
+        resolved = None
+    if isinstance(resolved, type) and issubclass(resolved, RecoveryMixin):
+        return []
+    return [W001]

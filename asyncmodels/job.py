@@ -162,13 +162,21 @@ class LeaseKeeper:
         self._thread.join(timeout=self.interval + 5)
 
     def _run(self) -> None:
+        database = self.call._state.db or "default"
         try:
             while not self._stop.wait(self.interval):
-                renewed = (
-                    MethodCall.objects.using(self.call._state.db)
-                    .filter(pk=self.call.pk, state=CallState.RUNNING, attempts=self.call.attempts)
-                    .update(lease_expires_at=Now() + self.length)
-                )
+                try:
+                    renewed = (
+                        MethodCall.objects.using(database)
+                        .filter(pk=self.call.pk, state=CallState.RUNNING, attempts=self.call.attempts)
+                        .update(lease_expires_at=Now() + self.length)
+                    )
+                except DatabaseError:
+                    # A dropped connection (database restart, pg_terminate_backend): reconnect at
+                    # the next tick rather than let the lease run out under a live method.
+                    logger.exception("Renewing the lease of call %s failed; will retry.", self.call.pk)
+                    connections[database].close()
+                    continue
                 if not renewed:
                     logger.warning(
                         "Call %s attempt %s is no longer ours; lease not renewed.",
@@ -176,8 +184,6 @@ class LeaseKeeper:
                         self.call.attempts,
                     )
                     return
-        except Exception:
-            logger.exception("Renewing the lease of call %s failed; recovery may take it over.", self.call.pk)
         finally:
             connections.close_all()  # this thread's own connections
 

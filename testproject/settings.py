@@ -106,6 +106,9 @@ RQ_QUEUES = {
     "urgent": {"URL": REDIS_URL},
 }
 
+# Workers run recovery themselves (asyncmodels.W001 warns when they would not).
+RQ = {"WORKER_CLASS": "asyncmodels.worker.Worker"}
+
 ASYNCMODELS = {"BACKEND": os.environ.get("ASYNCMODELS_BACKEND", "rq")}
 
 LANGUAGE_CODE = "en-us"

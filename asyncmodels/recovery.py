@@ -1,0 +1,207 @@
+"""Recovery: find calls that the database says are stuck, and move each one on.
+
+One pass (``recover_stranded_calls()``), on every database that holds ``MethodCall`` rows:
+
+1. ``scheduled`` calls that are due (``run_after`` ≤ the database's now) are pushed;
+2. ``pending`` calls older than ``PUSH_GRACE_SECONDS`` are pushed (the commit happened, the push
+   was lost: Redis down, process killed between commit and push);
+3. ``enqueued`` calls older than the grace whose RQ job is gone or dead (Redis flushed,
+   restarted, a work horse killed before the claim) are pushed again;
+4. ``running`` calls whose lease expired lost their worker: they are retried (a new attempt,
+   after the backoff) if their policy allows another attempt, else ``failed`` with a reason.
+
+Every transition is a compare-and-set and every push of one attempt uses one RQ job id that RQ
+refuses to hold twice, so any number of processes may run passes at the same time. Each step
+reads at most ``RECOVERY_BATCH_SIZE`` rows through a partial index holding only rows in that
+state, so a pass over a table of millions of finished calls costs a few index lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+from django.conf import settings
+from django.db import DatabaseError, router
+from django.db.models.functions import Now
+
+from . import conf, dispatch
+from .job import attempt_entry
+from .models import CallState, MethodCall
+from .options import policy_from_row
+
+logger = logging.getLogger("asyncmodels.recovery")
+
+#: RQ job statuses in which the job will still run (or is running): anything else is dead.
+LIVE_JOB_STATUSES = frozenset({"queued", "started", "deferred", "scheduled"})
+
+
+@dataclass
+class RecoveryReport:
+    """What one pass did, per kind of action (counts of calls)."""
+
+    pushed_due: int = 0
+    pushed_pending: int = 0
+    repushed_enqueued: int = 0
+    retried_lost: int = 0
+    failed_lost: int = 0
+    errors: int = 0
+
+    def __add__(self, other: RecoveryReport) -> RecoveryReport:
+        return RecoveryReport(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def total(self) -> int:
+        """Calls moved on by this pass (errors not counted)."""
+        return (
+            self.pushed_due
+            + self.pushed_pending
+            + self.repushed_enqueued
+            + self.retried_lost
+            + self.failed_lost
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"due pushed {self.pushed_due}, pending pushed {self.pushed_pending}, "
+            f"enqueued re-pushed {self.repushed_enqueued}, lost retried {self.retried_lost}, "
+            f"lost failed {self.failed_lost}, errors {self.errors}"
+        )
+
+
+def recovery_databases() -> list[str]:
+    """The database aliases that may hold ``MethodCall`` rows (the router allows its migration)."""
+    return [alias for alias in settings.DATABASES if router.allow_migrate_model(alias, MethodCall)]
+
+
+def recover_stranded_calls(databases: Iterable[str] | None = None) -> RecoveryReport:
+    """Run one recovery pass over ``databases`` (default: ``recovery_databases()``).
+
+    Never raises for a database or Redis failure: it logs it, counts it in ``errors`` and goes on
+    with the next step, so a worker running passes keeps working.
+    """
+    report = RecoveryReport()
+    for database in databases if databases is not None else recovery_databases():
+        for step in (_push_due, _push_pending, _repush_lost_jobs, _end_lost_attempts):
+            try:
+                report += step(database)
+            except DatabaseError:
+                logger.exception("Recovery step %s failed on database %r.", step.__name__, database)
+                report.errors += 1
+    if report.total or report.errors:
+        logger.info("Recovery pass: %s.", report)
+    return report
+
+
+def _batch_size() -> int:
+    return int(conf.get_config()["RECOVERY_BATCH_SIZE"])
+
+
+def _push_due(database: str) -> RecoveryReport:
+    due = (
+        MethodCall.objects.using(database)
+        .filter(state=CallState.SCHEDULED, run_after__lte=Now())
+        .order_by("run_after")[: _batch_size()]
+    )
+    return RecoveryReport(pushed_due=sum(dispatch.push_if_due(call) for call in due))
+
+
+def _push_pending(database: str) -> RecoveryReport:
+    grace = conf.get_seconds("PUSH_GRACE_SECONDS")
+    stale = (
+        MethodCall.objects.using(database)
+        .filter(state=CallState.PENDING, created_at__lt=Now() - grace)
+        .order_by("created_at")[: _batch_size()]
+    )
+    return RecoveryReport(pushed_pending=sum(dispatch.push(call) for call in stale))
+
+
+def _repush_lost_jobs(database: str) -> RecoveryReport:
+    """Push again the enqueued calls whose RQ job no longer exists or will never run."""
+    from rq.job import Job
+
+    grace = conf.get_seconds("PUSH_GRACE_SECONDS")
+    calls = list(
+        MethodCall.objects.using(database)
+        .filter(state=CallState.ENQUEUED, enqueued_at__lt=Now() - grace)
+        .order_by("enqueued_at")[: _batch_size()]
+    )
+    by_queue: dict[str, list[MethodCall]] = defaultdict(list)
+    for call in calls:
+        by_queue[call.queue].append(call)
+    report = RecoveryReport()
+    for queue_name, queued in by_queue.items():
+        try:
+            connection = dispatch.get_queue(queue_name).connection
+            with connection.pipeline(transaction=False) as pipeline:
+                for call in queued:
+                    pipeline.hget(Job.key_for(call.job_id), "status")
+                statuses = pipeline.execute()
+        except Exception:
+            logger.exception(
+                "Could not ask Redis about %s enqueued call(s) of queue %r.", len(queued), queue_name
+            )
+            report.errors += 1
+            continue
+        for call, status in zip(queued, statuses, strict=True):
+            status = status.decode() if isinstance(status, bytes) else status
+            if status in LIVE_JOB_STATUSES:
+                continue
+            if status is not None:  # a dead job (failed, stopped...) would block a push under its id
+                Job(call.job_id, connection=connection).delete(remove_from_queue=True)
+            logger.warning(
+                "Call %s is enqueued but its RQ job %s is %s; pushing it again.",
+                call.pk,
+                call.job_id,
+                status or "gone",
+            )
+            report.repushed_enqueued += dispatch.push(call)
+    return report
+
+
+def _end_lost_attempts(database: str) -> RecoveryReport:
+    """Retry or fail running calls whose lease expired: their worker is gone."""
+    lost = (
+        MethodCall.objects.using(database)
+        .filter(state=CallState.RUNNING, lease_expires_at__lt=Now())
+        .order_by("lease_expires_at")[: _batch_size()]
+    )
+    report = RecoveryReport()
+    for call in lost:
+        policy = policy_from_row(call.policy)
+        reason = (
+            f"The worker running attempt {call.attempts} ({call.worker or 'unknown'}) was lost: its lease "
+            f"expired at {call.lease_expires_at:%Y-%m-%d %H:%M:%S} without being renewed."
+        )
+        log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
+        if policy.allows_another_attempt(call.attempts):
+            delay = policy.delay_after(call.attempts)
+            changes = {
+                "state": CallState.SCHEDULED,
+                "run_after": Now() + delay,
+                "state_reason": f"{reason} Attempt {call.attempts + 1} of {policy.retries + 1} is due in "
+                f"{delay.total_seconds():.1f} s.",
+            }
+        else:
+            changes = {
+                "state": CallState.FAILED,
+                "finished_at": Now(),
+                "state_reason": "",
+                "error_type": "asyncmodels.WorkerLost",
+                "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
+                "traceback": "",
+            }
+        won = (
+            MethodCall.objects.using(database)
+            .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts, lease_expires_at__lt=Now())
+            .update(lease_expires_at=None, attempt_log=log, **changes)
+        )
+        if won:
+            logger.warning("Call %s: %s", call.pk, changes.get("state_reason") or changes.get("error"))
+            if changes["state"] == CallState.SCHEDULED:
+                report.retried_lost += 1
+            else:
+                report.failed_lost += 1
+    return report

@@ -1,0 +1,102 @@
+"""RQ worker classes that run recovery by themselves: no extra process for anyone to forget.
+
+Set ``RQ = {"WORKER_CLASS": "asyncmodels.worker.Worker"}`` (django-rq reads it) or pass
+``--worker-class asyncmodels.worker.Worker`` to ``manage.py rqworker``. Each such worker then
+runs a recovery pass (``asyncmodels.recovery``) every ``RECOVERY_INTERVAL_SECONDS``, between jobs
+and while it waits for one: with any worker alive, stuck calls move on; with several, passes
+overlap harmlessly (every transition is a compare-and-set).
+
+Why in the worker loop rather than a periodic RQ job or a scheduler: a periodic job needs
+something to enqueue it (the very thing that may be down), and RQ's scheduler is an extra flag
+and process. Why not a thread: a forking worker must not fork while another thread may hold a
+lock or a database connection.
+
+Shutdown: the first SIGTERM/SIGINT is RQ's warm shutdown (the current call finishes). A second
+one kills the work horse; this class then ends that call's attempt at once (retried if its
+policy allows, else failed as "worker lost") instead of leaving it for its lease to run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+from typing import Any
+
+from django.db import connections
+from django.db.models.functions import Now
+from rq.worker import SimpleWorker as RQSimpleWorker
+from rq.worker import Worker as RQWorker
+
+from . import conf
+from .dispatch import JOB_FUNCTION
+from .models import CallState, MethodCall
+from .recovery import recover_stranded_calls
+
+logger = logging.getLogger("asyncmodels.worker")
+
+
+class RecoveryMixin:
+    """Mix into an RQ worker class: recovery passes in the work loop; a cold stop hands back the call."""
+
+    _asyncmodels_last_recovery: float | None = None
+
+    def _recovery_interval(self) -> float:
+        return float(conf.get_config()["RECOVERY_INTERVAL_SECONDS"])
+
+    def _recovery_due(self) -> bool:
+        last = self._asyncmodels_last_recovery
+        return last is None or time.monotonic() - last >= self._recovery_interval()
+
+    @property
+    def should_run_maintenance_tasks(self) -> bool:
+        return bool(super().should_run_maintenance_tasks) or self._recovery_due()  # type: ignore[misc]
+
+    def run_maintenance_tasks(self) -> None:
+        if super().should_run_maintenance_tasks:  # type: ignore[misc]
+            super().run_maintenance_tasks()  # type: ignore[misc]
+        if self._recovery_due():
+            self.run_recovery()
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # Wake up from waiting for a job often enough to run recovery on time.
+        return max(1, min(int(super().dequeue_timeout), int(self._recovery_interval())))  # type: ignore[misc]
+
+    def run_recovery(self) -> None:
+        """One recovery pass; never lets an error stop the worker."""
+        self._asyncmodels_last_recovery = time.monotonic()
+        try:
+            recover_stranded_calls()
+        except Exception:
+            logger.exception("Recovery pass failed; the worker goes on.")
+        finally:
+            # This process forks work horses: never let one inherit an open database connection.
+            connections.close_all()
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        job = self.get_current_job()  # type: ignore[attr-defined]
+        try:
+            super().request_force_stop(signum, frame)  # type: ignore[misc]
+        finally:  # request_force_stop ends with SystemExit after killing the horse
+            if job is not None and job.func_name == JOB_FUNCTION and len(job.args) == 2:
+                hand_back(*job.args)
+
+
+def hand_back(call_id: Any, database: Any) -> None:
+    """End a running call's lease now (its worker is stopping hard) and let recovery act on it."""
+    try:
+        MethodCall.objects.using(database).filter(pk=call_id, state=CallState.RUNNING).update(
+            lease_expires_at=Now() - conf.get_seconds("LEASE_SECONDS")
+        )
+        recover_stranded_calls([database])
+    except Exception:
+        logger.exception("Could not hand back call %s; its lease will expire on its own.", call_id)
+
+
+class Worker(RecoveryMixin, RQWorker):
+    """RQ's forking worker, running asyncmodels recovery."""
+
+
+class SimpleWorker(RecoveryMixin, RQSimpleWorker):
+    """RQ's non-forking worker (one process, jobs run in it), running asyncmodels recovery."""
