@@ -8,6 +8,9 @@ ASYNCMODELS_REDIS_URL  Redis for every RQ queue (default redis://127.0.0.1:6379/
 ASYNCMODELS_SQLITE_DIR where SQLite files live (default <repo>/var)
 ASYNCMODELS_SQLITE_PREFIX  prefix of the SQLite file names ("test_" opens the test databases)
 ASYNCMODELS_BACKEND    "rq" (default) or "immediate"
+ASYNCMODELS_LEASE_SECONDS, ASYNCMODELS_LEASE_RENEW_SECONDS, ASYNCMODELS_RECOVERY_INTERVAL_SECONDS,
+ASYNCMODELS_PUSH_GRACE_SECONDS, ASYNCMODELS_RECOVERY_BATCH_SIZE
+                       override the ASYNCMODELS setting of the same name (seconds)
 """
 
 import os
@@ -109,7 +112,17 @@ RQ_QUEUES = {
 # Workers run recovery themselves (asyncmodels.W001 warns when they would not).
 RQ = {"WORKER_CLASS": "asyncmodels.worker.Worker"}
 
-ASYNCMODELS = {"BACKEND": os.environ.get("ASYNCMODELS_BACKEND", "rq")}
+ASYNCMODELS: dict[str, Any] = {"BACKEND": os.environ.get("ASYNCMODELS_BACKEND", "rq")}
+# Tests and the chaos run shorten leases and recovery intervals through the environment.
+for _key in (
+    "LEASE_SECONDS",
+    "LEASE_RENEW_SECONDS",
+    "RECOVERY_INTERVAL_SECONDS",
+    "PUSH_GRACE_SECONDS",
+    "RECOVERY_BATCH_SIZE",
+):
+    if f"ASYNCMODELS_{_key}" in os.environ:
+        ASYNCMODELS[_key] = float(os.environ[f"ASYNCMODELS_{_key}"])
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
