@@ -120,6 +120,31 @@ class Echo(models.Model):
     def fail(self, message: str) -> None:
         raise ValueError(message)
 
+    @async_method(retries=2, retry_backoff=1, retry_backoff_max=2, retry_on=(ConnectionError,))
+    def flaky(self, failures: int) -> int:
+        """Count the run, then fail with ConnectionError for the first ``failures`` runs."""
+        hits = self.bump.now()
+        if hits <= failures:
+            raise ConnectionError(f"run {hits} of a flaky dependency failed")
+        return hits
+
+    @async_method(retries=2, retry_on=(ConnectionError,))
+    def wrong_kind_of_error(self) -> None:
+        raise KeyError("not retried: only ConnectionError is")
+
+    @async_method(timeout=1)
+    def sleepy(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "woke up"
+
+    @async_method(atomic=True, retries=1, retry_backoff=1)
+    def bump_atomically(self, pause: float = 0.0) -> int:
+        """Count the run in the same transaction as the call's success; pause after the write."""
+        hits = self.bump.now()
+        if pause and self.note == "pause":
+            time.sleep(pause)
+        return hits
+
     @async_method()
     def explode(self, how: str) -> object:
         """Fail or return in the awkward ways a real method can, for the job's robustness tests."""
