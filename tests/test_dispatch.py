@@ -6,16 +6,14 @@ import logging
 from collections.abc import Callable
 
 import pytest
-import redis
 from django.db import transaction
 from django.test import override_settings
-from rq import Queue
 
 from asyncmodels import dispatch
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance
 
-from .conftest import RunWorker
+from .conftest import RunWorker, dead_queue
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -88,7 +86,7 @@ def test_redis_down_at_commit_leaves_call_pending_and_logs(
     instance: Instance, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Port 1 on loopback: nothing listens there, so every command raises ConnectionError.
-    dead = Queue("provisioning", connection=redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1))
+    dead = dead_queue("provisioning")
     monkeypatch.setattr(dispatch, "get_queue", lambda name: dead)
     with caplog.at_level(logging.ERROR, logger="asyncmodels"), transaction.atomic():
         call = instance.provision(size="large")

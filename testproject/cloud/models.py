@@ -123,7 +123,7 @@ class Echo(models.Model):
     @async_method(retries=2, retry_backoff=1, retry_backoff_max=2, retry_on=(ConnectionError,))
     def flaky(self, failures: int) -> int:
         """Count the run, then fail with ConnectionError for the first ``failures`` runs."""
-        hits = self.bump.now()
+        hits = int(self.bump.now())
         if hits <= failures:
             raise ConnectionError(f"run {hits} of a flaky dependency failed")
         return hits
@@ -140,7 +140,7 @@ class Echo(models.Model):
     @async_method(atomic=True, retries=1, retry_backoff=1)
     def bump_atomically(self, pause: float = 0.0) -> int:
         """Count the run in the same transaction as the call's success; pause after the write."""
-        hits = self.bump.now()
+        hits = int(self.bump.now())
         if pause and self.note == "pause":
             time.sleep(pause)
         return hits
@@ -168,3 +168,97 @@ class Echo(models.Model):
     @async_method()
     def unstorable(self) -> object:
         return object()
+
+
+class ChaosTask(models.Model):
+    """One call of a chaos run (``manage.py chaos``): each task gets exactly one call, so the task
+    identifies the call, and its ``executions`` say how often (and when) the method really ran."""
+
+    run = models.CharField(max_length=40, db_index=True, help_text="The chaos run that made this task.")
+    number = models.PositiveIntegerField()
+    method = models.CharField(max_length=20, help_text="The method of its one call: work or work_retrying.")
+
+    class Meta:
+        constraints = (models.UniqueConstraint(fields=["run", "number"], name="cloud_chaostask_run_number"),)
+
+    def __str__(self) -> str:
+        return f"chaos {self.run} #{self.number} ({self.method})"
+
+    @async_method()
+    def work(self, seconds: float) -> int:
+        """Record the execution, sleep, record its end. Never retried: a lost worker fails it."""
+        return self.execute("work", seconds)
+
+    @async_method(retries=5, retry_backoff=1, retry_backoff_max=3)
+    def work_retrying(self, seconds: float) -> int:
+        """The same, retried (up to 5 times) when its worker is lost."""
+        return self.execute("work_retrying", seconds)
+
+    def execute(self, method: str, seconds: float) -> int:
+        """Write an ``Execution`` row, sleep ``seconds``, then set its ``finished_at``; return its pk.
+
+        Each write commits on its own (the methods are not ``atomic``), so a process killed in
+        the sleep leaves a start without a finish. Times are the host's clock, like the kill
+        times the chaos command records, so the two compare.
+        """
+        import os
+
+        from django.contrib.contenttypes.models import ContentType
+        from django.utils import timezone
+
+        from asyncmodels.models import CallState, MethodCall
+
+        database = self._state.db or "default"
+        content_type = ContentType.objects.db_manager(database).get_for_model(self)
+
+        def start() -> Execution:
+            attempt = (
+                MethodCall.objects.using(database)
+                .filter(content_type=content_type, object_id=str(self.pk), state=CallState.RUNNING)
+                .values_list("attempts", flat=True)
+                .first()
+            )
+            return Execution.objects.using(database).create(
+                task=self, method=method, attempt=attempt, pid=os.getpid(), started_at=timezone.now()
+            )
+
+        execution: Execution = _write_reconnecting(database, start)
+        time.sleep(seconds)
+        _write_reconnecting(
+            database,
+            lambda: (
+                Execution.objects.using(database).filter(pk=execution.pk).update(finished_at=timezone.now())
+            ),
+        )
+        return execution.pk
+
+
+def _write_reconnecting(database: str, write: Any) -> Any:
+    """Run ``write()``; if the connection was dropped under it (the chaos run terminates backends),
+    run it once more on a fresh connection, as the library does for its own claim."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    try:
+        return write()
+    except (OperationalError, InterfaceError):
+        if connections[database].in_atomic_block:
+            raise
+        connections[database].close()
+        return write()
+
+
+class Execution(models.Model):
+    """One run of a ``ChaosTask`` method body, as the worker process saw it."""
+
+    task = models.ForeignKey(ChaosTask, on_delete=models.CASCADE, related_name="executions")
+    method = models.CharField(max_length=20)
+    attempt = models.PositiveIntegerField(null=True, help_text="The call's attempt number when it started.")
+    pid = models.PositiveIntegerField(help_text="The process (RQ work horse) that ran it.")
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True, help_text="Unset if the process was killed.")
+
+    class Meta:
+        ordering = ("started_at", "id")
+
+    def __str__(self) -> str:
+        return f"{self.method} of {self.task_id} by pid {self.pid} at {self.started_at:%H:%M:%S.%f}"

@@ -1,0 +1,236 @@
+"""Recovery passes: lost pushes, flushed Redis, dead jobs, expired leases; safe in parallel."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Callable
+
+import pytest
+import redis
+from django.db import connection, transaction
+from django.db.models.functions import Now
+from pytest_django import DjangoAssertNumQueries
+from rq.job import Job, JobStatus
+
+from asyncmodels import dispatch
+from asyncmodels.models import CallState, MethodCall
+from asyncmodels.recovery import RecoveryReport, recover_stranded_calls
+from testproject.cloud.models import Echo
+
+from .conftest import RunWorker, dead_queue
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+AGES_AGO = datetime.timedelta(minutes=5)
+
+
+@pytest.fixture
+def dead_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = dead_queue("default")
+    monkeypatch.setattr(dispatch, "get_queue", lambda name: dead)
+
+
+def _age(call: MethodCall, **fields: object) -> None:
+    MethodCall.objects.filter(pk=call.pk).update(**{name: Now() - AGES_AGO for name in fields})
+
+
+def test_pending_call_whose_push_was_lost_is_pushed_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch, run_worker: RunWorker
+) -> None:
+    echo = Echo.objects.create()
+    real_get_queue = dispatch.get_queue
+    dead = dead_queue("default")
+    monkeypatch.setattr(dispatch, "get_queue", lambda name: dead)
+    call = echo.bump()
+    call.refresh_from_db()
+    assert call.state == CallState.PENDING
+    assert "push to queue 'default' failed" in call.state_reason
+    monkeypatch.setattr(dispatch, "get_queue", real_get_queue)  # Redis is back
+
+    assert recover_stranded_calls().pushed_pending == 0  # too young: its push may be in flight
+    _age(call, created_at=True)
+    assert recover_stranded_calls().pushed_pending == 1
+    call.refresh_from_db()
+    assert (call.state, call.state_reason) == (CallState.ENQUEUED, "")
+    run_worker()
+    echo.refresh_from_db()
+    assert echo.hits == 1
+
+
+def test_rolled_back_call_is_never_recovered(queued_jobs: Callable[..., int]) -> None:
+    echo = Echo.objects.create()
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        echo.bump()
+        1 / 0  # noqa: B018
+    assert recover_stranded_calls().total == 0
+    assert MethodCall.objects.count() == 0
+    assert queued_jobs() == 0
+
+
+def test_enqueued_call_whose_job_was_flushed_is_pushed_again_without_a_new_attempt(
+    redis_connection: redis.Redis, run_worker: RunWorker
+) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    redis_connection.flushdb()
+    _age(call, enqueued_at=True)
+    report = recover_stranded_calls()
+    assert report.repushed_enqueued == 1
+    assert recover_stranded_calls().repushed_enqueued == 0  # now RQ holds it again
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.attempts) == (CallState.SUCCEEDED, 1)
+    echo.refresh_from_db()
+    assert echo.hits == 1
+
+
+def test_enqueued_call_whose_job_died_in_rq_is_pushed_again(
+    redis_connection: redis.Redis, run_worker: RunWorker
+) -> None:
+    call = Echo.objects.create().bump()
+    queue = dispatch.get_queue("default")
+    job = Job.fetch(call.job_id, connection=queue.connection)
+    queue.remove(job)
+    job.set_status(JobStatus.FAILED)  # e.g. its work horse was killed before it claimed the call
+    _age(call, enqueued_at=True)
+    assert recover_stranded_calls().repushed_enqueued == 1
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+
+
+def test_enqueued_call_still_queued_in_rq_is_left_alone(queued_jobs: Callable[..., int]) -> None:
+    call = Echo.objects.create().bump()
+    _age(call, enqueued_at=True)
+    assert recover_stranded_calls().total == 0
+    assert queued_jobs() == 1
+
+
+def _claimed_then_lost(call: MethodCall) -> None:
+    """What a worker killed mid-call leaves: running, attempt 1, a lease that ran out."""
+    MethodCall.objects.filter(pk=call.pk).update(
+        state=CallState.RUNNING,
+        attempts=1,
+        worker="killed-worker",
+        started_at=Now() - AGES_AGO,
+        lease_expires_at=Now() - datetime.timedelta(seconds=1),
+    )
+
+
+def test_running_call_with_expired_lease_and_no_retries_fails_saying_the_worker_was_lost() -> None:
+    call = Echo.objects.create().bump()
+    _claimed_then_lost(call)
+    assert recover_stranded_calls().failed_lost == 1
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert call.error_type == "asyncmodels.WorkerLost"
+    assert "killed-worker" in call.error and "was lost" in call.error
+    assert "does not retry" in call.error
+    assert call.attempt_log[-1]["outcome"] == "lost"
+    assert call.lease_expires_at is None and call.finished_at is not None
+
+
+def test_running_call_with_expired_lease_and_retries_is_retried(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.flaky(failures=0)
+    _claimed_then_lost(call)
+    assert recover_stranded_calls().retried_lost == 1
+    call.refresh_from_db()
+    assert call.state == CallState.SCHEDULED
+    assert "was lost" in call.state_reason and "Attempt 2 of 3" in call.state_reason
+    MethodCall.objects.filter(pk=call.pk).update(run_after=Now() - datetime.timedelta(seconds=1))
+    assert recover_stranded_calls().pushed_due == 1
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.attempts) == (CallState.SUCCEEDED, 2)
+    assert [entry["outcome"] for entry in call.attempt_log] == ["lost", "succeeded"]
+
+
+def test_running_call_with_a_live_lease_is_left_alone() -> None:
+    call = Echo.objects.create().bump()
+    MethodCall.objects.filter(pk=call.pk).update(
+        state=CallState.RUNNING, attempts=1, lease_expires_at=Now() + datetime.timedelta(minutes=1)
+    )
+    assert recover_stranded_calls().total == 0
+    call.refresh_from_db()
+    assert call.state == CallState.RUNNING
+
+
+def test_late_outcome_of_an_attempt_declared_lost_is_not_recorded() -> None:
+    from asyncmodels.job import _finish
+
+    call = Echo.objects.create().bump()
+    _claimed_then_lost(call)
+    stale = MethodCall.objects.get(pk=call.pk)  # what the slow worker holds
+    recover_stranded_calls()
+    assert _finish(stale, state=CallState.SUCCEEDED) is False
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+
+
+def test_cancelled_call_is_never_pushed(queued_jobs: Callable[..., int], dead_redis: None) -> None:
+    call = Echo.objects.create().bump()  # push fails: pending
+    assert call.cancel() is True
+    _age(call, created_at=True)
+    assert recover_stranded_calls().total == 0
+    call.refresh_from_db()
+    assert call.state == CallState.CANCELLED
+
+
+def test_two_recoveries_at_once_push_each_call_once(
+    monkeypatch: pytest.MonkeyPatch, queued_jobs: Callable[..., int], run_worker: RunWorker
+) -> None:
+    echoes = [Echo.objects.create() for _ in range(20)]
+    real_get_queue = dispatch.get_queue
+    monkeypatch.setattr(
+        dispatch,
+        "get_queue",
+        lambda name: dead_queue("default"),
+    )
+    calls = [echo.bump() for echo in echoes]  # every push lost
+    monkeypatch.setattr(dispatch, "get_queue", real_get_queue)
+    MethodCall.objects.update(created_at=Now() - AGES_AGO)
+    reports: list[RecoveryReport] = []
+    barrier = threading.Barrier(2)
+
+    def recover() -> None:
+        barrier.wait()
+        try:
+            reports.append(recover_stranded_calls(["default"]))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=recover) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(report.pushed_pending for report in reports) >= len(calls)
+    assert queued_jobs() == len(calls)  # RQ refused every second push of the same attempt
+    run_worker()
+    assert sorted(Echo.objects.values_list("hits", flat=True)) == [1] * len(calls)
+
+
+def test_a_pass_with_nothing_to_do_is_four_indexed_queries(
+    django_assert_num_queries: DjangoAssertNumQueries,
+) -> None:
+    for _ in range(3):
+        call = Echo.objects.create().bump()
+        MethodCall.objects.filter(pk=call.pk).update(state=CallState.SUCCEEDED)
+    with django_assert_num_queries(4):
+        assert recover_stranded_calls(["default"]).total == 0
+
+
+def test_recover_command_prints_a_summary_and_fails_on_unknown_database(dead_redis: None) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    call = Echo.objects.create().bump()
+    _age(call, created_at=True)
+    out = StringIO()
+    call_command("asyncmodels_recover", "--database", "default", stdout=out)
+    assert "pending pushed 0" in out.getvalue()  # Redis is still down: the call waits, logged
+    with pytest.raises(CommandError, match="Unknown database alias"):
+        call_command("asyncmodels_recover", "--database", "nope")
