@@ -184,10 +184,30 @@ class WorkerProcess:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def children(self) -> list[int]:
+        """Pids of the worker's child processes (its work horse, which RQ puts in a session of its own)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # Fields after the command name (which may hold spaces) start after its ")".
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                    pids.append(int(stat.parent.name))
+        return pids
+
+    def kill_horse(self) -> None:
+        """``kill -9`` only the work horse running the current call; the worker lives on."""
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill_all(self) -> None:
-        """``kill -9`` the worker and its work horse, as a crash or an OOM kill would."""
+        """``kill -9`` the worker and its work horse, as a crash or an OOM kill of the machine would."""
+        children = self.children()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def wait(self, timeout: float) -> int:

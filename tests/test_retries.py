@@ -52,7 +52,8 @@ def test_retries_n_means_n_plus_one_attempts() -> None:
 
 def test_failed_attempt_is_rescheduled_then_succeeds(run_worker: RunWorker) -> None:
     echo = Echo.objects.create()
-    call = echo.flaky(failures=2)
+    # A long backoff, so only _make_due() makes the retry due (burst workers run recovery too).
+    call = echo.flaky.using(retry_backoff=60, retry_backoff_max=120)(failures=2)
     run_worker()
     call.refresh_from_db()
     assert call.state == CallState.SCHEDULED
@@ -83,7 +84,7 @@ def test_failed_attempt_is_rescheduled_then_succeeds(run_worker: RunWorker) -> N
 
 
 def test_last_failure_is_terminal_and_keeps_every_attempts_error(run_worker: RunWorker) -> None:
-    call = Echo.objects.create().flaky(failures=10)
+    call = Echo.objects.create().flaky.using(retry_backoff=60, retry_backoff_max=120)(failures=10)
     run_worker()
     for _ in range(2):
         _make_due(call)
