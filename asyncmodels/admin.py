@@ -9,7 +9,7 @@ from django.contrib import admin
 from django.contrib.admin.utils import quote
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from .models import MethodCall
@@ -45,6 +45,7 @@ class MethodCallAdmin(MethodCallAdminBase):
     date_hierarchy = None
     fields = (
         "state",
+        "state_reason",
         "method",
         "target",
         "queue",
@@ -52,9 +53,12 @@ class MethodCallAdmin(MethodCallAdminBase):
         "worker",
         "created_at",
         "enqueued_at",
+        "run_after",
         "started_at",
+        "lease_expires_at",
         "finished_at",
         "duration",
+        "policy_json",
         "args_json",
         "kwargs_json",
         "result_json",
@@ -62,6 +66,7 @@ class MethodCallAdmin(MethodCallAdminBase):
         "error_type",
         "error",
         "traceback_block",
+        "attempt_history",
     )
     readonly_fields = fields
 
@@ -102,6 +107,36 @@ class MethodCallAdmin(MethodCallAdminBase):
     @admin.display(description="result")
     def result_json(self, call: MethodCall) -> SafeString:
         return _pretty_json(call.result)
+
+    @admin.display(description="policy")
+    def policy_json(self, call: MethodCall) -> SafeString:
+        return _pretty_json(call.policy)
+
+    @admin.display(description="attempts, oldest first")
+    def attempt_history(self, call: MethodCall) -> SafeString | str:
+        if not call.attempt_log:
+            return "-"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    entry.get("attempt"),
+                    entry.get("worker") or "-",
+                    entry.get("started_at") or "-",
+                    "-" if entry.get("duration") is None else f"{entry['duration']:.3f} s",
+                    entry.get("outcome"),
+                    entry.get("error") or "",
+                )
+                for entry in call.attempt_log
+                if isinstance(entry, dict)
+            ),
+        )
+        return format_html(
+            "<table><thead><tr><th>#</th><th>worker</th><th>started</th><th>duration</th><th>outcome</th>"
+            "<th>error</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
 
     @admin.display(description="traceback")
     def traceback_block(self, call: MethodCall) -> SafeString | str:

@@ -76,3 +76,15 @@ def test_staff_without_view_permission_gets_403() -> None:
     assert client.get(LIST_URL).status_code == 403
     user.user_permissions.add(Permission.objects.get(codename="view_methodcall"))
     assert client.get(LIST_URL).status_code == 200
+
+
+def test_detail_shows_every_attempt_and_the_reason_of_a_scheduled_retry(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    call = Echo.objects.create().flaky.using(retry_backoff=60, retry_backoff_max=60)(failures=5)
+    run_worker()
+    page = staff_client.get(f"{LIST_URL}{call.pk}/change/").content.decode()
+    assert "Attempts, oldest first" in page
+    assert "run 1 of a flaky dependency failed" in page
+    assert "attempt 2 of 3 is due in" in page
+    assert "&quot;retries&quot;: 2" in page

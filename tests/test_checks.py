@@ -49,3 +49,40 @@ def test_every_setting_problem_is_reported_at_once() -> None:
     assert [message.id for message in messages] == ["asyncmodels.E003", "asyncmodels.E003"]
     assert "RETRIES" in messages[0].msg
     assert "'celery'" in messages[1].msg
+
+
+@pytest.mark.parametrize(
+    ("rq_setting", "warned"),
+    [
+        ({"WORKER_CLASS": "asyncmodels.worker.Worker"}, False),
+        ({"WORKER_CLASS": "asyncmodels.worker.SimpleWorker"}, False),
+        ({"WORKER_CLASS": "rq.worker.Worker"}, True),
+        ({"WORKER_CLASS": "no.such.Worker"}, True),
+        ({}, True),
+    ],
+)
+def test_worker_class_without_recovery_is_w001(rq_setting: dict[str, str], warned: bool) -> None:
+    with override_settings(RQ=rq_setting):
+        messages = checks.check_worker_class()
+    assert [message.id for message in messages] == (["asyncmodels.W001"] if warned else [])
+
+
+def test_w001_is_silent_with_the_immediate_backend() -> None:
+    with override_settings(RQ={}, ASYNCMODELS={"BACKEND": "immediate"}):
+        assert checks.check_worker_class() == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "text"),
+    [
+        ({"LEASE_SECONDS": 0}, "positive number"),
+        ({"LEASE_SECONDS": "60"}, "positive number"),
+        ({"LEASE_SECONDS": 10, "LEASE_RENEW_SECONDS": 10}, "shorter than"),
+        ({"RECOVERY_INTERVAL_SECONDS": -1}, "positive number"),
+    ],
+)
+def test_bad_durations_are_e003(setting: dict[str, object], text: str) -> None:
+    with override_settings(ASYNCMODELS=setting):
+        messages = checks.check_settings()
+    assert [message.id for message in messages] == ["asyncmodels.E003"]
+    assert text in messages[0].msg

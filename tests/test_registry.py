@@ -93,7 +93,20 @@ def test_undecorated_methods_are_not_in_the_registry() -> None:
     assert registry.get_method("cloud.Instance.save") is None
 
 
-@pytest.mark.parametrize("options", [{"queue": ""}, {"queue": 3}, {"name": ""}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"queue": ""},
+        {"queue": 3},
+        {"name": ""},
+        {"retries": -1},
+        {"retry_backoff": "10"},
+        {"retry_on": ValueError("not a class")},
+        {"timeout": 0},
+        {"atomic": 1},
+        {"priority": 3},
+    ],
+)
 def test_bad_decorator_options_fail_at_import(options: dict[str, object]) -> None:
     with pytest.raises(InvalidOptionError):
         async_method(**options)  # type: ignore[call-overload]
