@@ -37,10 +37,11 @@ def get_queue(name: str) -> Queue:
     return django_rq.get_queue(name, commit_mode="auto")
 
 
-def push(call: MethodCall) -> bool:
+def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
     """Push ``call`` to its queue (or run it, with the ``immediate`` backend); return success.
 
-    Never raises for a queue failure: it logs it and leaves the call ``pending``.
+    A queue failure is logged and leaves the call ``pending`` (with the reason); it is raised
+    again only with ``raise_errors=True`` (recovery stops a pass's pushes when Redis is down).
     """
     database = call._state.db or "default"
     if conf.get_backend_name() == "immediate":
@@ -79,6 +80,8 @@ def push(call: MethodCall) -> bool:
             call.queue,
         )
         _note_push_failure(call, exc)
+        if raise_errors:
+            raise
         return False
     call.mark_enqueued()
     return True
@@ -99,7 +102,7 @@ def _note_push_failure(call: MethodCall, exc: Exception) -> None:
         logger.exception("Could not record the failed push of call %s.", call.pk)
 
 
-def push_if_due(call: MethodCall) -> bool:
+def push_if_due(call: MethodCall, *, raise_errors: bool = False) -> bool:
     """Push a ``scheduled`` call if its ``run_after`` has come (by the database's clock).
 
     A compare-and-set ``scheduled`` → ``pending`` first, so of several processes only one pushes.
@@ -117,4 +120,4 @@ def push_if_due(call: MethodCall) -> bool:
     if not promoted:
         return False
     call.state = CallState.PENDING
-    return push(call)
+    return push(call, raise_errors=raise_errors)

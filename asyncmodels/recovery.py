@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 from django.conf import settings
@@ -99,13 +99,25 @@ def _batch_size() -> int:
     return int(conf.get_config()["RECOVERY_BATCH_SIZE"])
 
 
+def _push_each(calls: Iterable[MethodCall], push: Callable[..., bool]) -> tuple[int, int]:
+    """Push calls until one push fails; return (pushed, errors). Redis down: stop, try next pass."""
+    pushed = 0
+    for call in calls:
+        try:
+            pushed += push(call, raise_errors=True)
+        except Exception:
+            return pushed, 1  # already logged by dispatch; the rest would fail (and wait) too
+    return pushed, 0
+
+
 def _push_due(database: str) -> RecoveryReport:
     due = (
         MethodCall.objects.using(database)
         .filter(state=CallState.SCHEDULED, run_after__lte=Now())
         .order_by("run_after")[: _batch_size()]
     )
-    return RecoveryReport(pushed_due=sum(dispatch.push_if_due(call) for call in due))
+    pushed, errors = _push_each(due, dispatch.push_if_due)
+    return RecoveryReport(pushed_due=pushed, errors=errors)
 
 
 def _push_pending(database: str) -> RecoveryReport:
@@ -115,7 +127,8 @@ def _push_pending(database: str) -> RecoveryReport:
         .filter(state=CallState.PENDING, created_at__lt=Now() - grace)
         .order_by("created_at")[: _batch_size()]
     )
-    return RecoveryReport(pushed_pending=sum(dispatch.push(call) for call in stale))
+    pushed, errors = _push_each(stale, dispatch.push)
+    return RecoveryReport(pushed_pending=pushed, errors=errors)
 
 
 def _repush_lost_jobs(database: str) -> RecoveryReport:
@@ -157,7 +170,11 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
                 call.job_id,
                 status or "gone",
             )
-            report.repushed_enqueued += dispatch.push(call)
+            try:
+                report.repushed_enqueued += dispatch.push(call, raise_errors=True)
+            except Exception:
+                report.errors += 1
+                break
     return report
 
 

@@ -230,7 +230,28 @@ def test_recover_command_prints_a_summary_and_fails_on_unknown_database(dead_red
     call = Echo.objects.create().bump()
     _age(call, created_at=True)
     out = StringIO()
-    call_command("asyncmodels_recover", "--database", "default", stdout=out)
-    assert "pending pushed 0" in out.getvalue()  # Redis is still down: the call waits, logged
+    with pytest.raises(CommandError, match="1 recovery step"):  # Redis is still down: exit non-zero
+        call_command("asyncmodels_recover", "--database", "default", stdout=out)
+    assert "pending pushed 0" in out.getvalue() and "errors 1" in out.getvalue()
     with pytest.raises(CommandError, match="Unknown database alias"):
         call_command("asyncmodels_recover", "--database", "nope")
+
+
+def test_with_redis_down_a_pass_stops_pushing_after_the_first_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[str] = []
+
+    def counting_dead_queue(name: str) -> Queue:
+        attempts.append(name)
+        return dead_queue(name)
+
+    monkeypatch.setattr(dispatch, "get_queue", counting_dead_queue)
+    for _ in range(5):
+        Echo.objects.create().bump()
+    attempts.clear()
+    MethodCall.objects.update(created_at=Now() - AGES_AGO)
+    report = recover_stranded_calls(["default"])
+    assert (report.pushed_pending, report.errors) == (0, 1)
+    assert len(attempts) == 1  # not five waits on a dead Redis
+    assert MethodCall.objects.pending().count() == 5
