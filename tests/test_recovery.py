@@ -11,6 +11,7 @@ import redis
 from django.db import connection, transaction
 from django.db.models.functions import Now
 from pytest_django import DjangoAssertNumQueries
+from rq import Queue
 from rq.job import Job, JobStatus
 
 from asyncmodels import dispatch
