@@ -18,7 +18,8 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
@@ -39,6 +40,7 @@ from .models import CLAIMABLE_STATES, CallState, MethodCall
 from .options import policy_from_row
 
 logger = logging.getLogger("asyncmodels.job")
+T = TypeVar("T")
 
 
 def current_worker_name() -> str:
@@ -100,19 +102,35 @@ def _claim(call_id: int, database: str) -> int:
     )
 
 
-def _claim_and_run(call_id: int, database: str) -> None:
+def _reconnecting(database: str, operation: Callable[[], T]) -> T:
+    """Run a database ``operation``; if the connection died under it, run it once more on a new one.
+
+    For the job's own bookkeeping only (claim, reads, compare-and-set records), which is safe to
+    repeat; never inside a transaction, where the work before the failure is gone with it.
+    """
     try:
-        claimed = _claim(call_id, database)
+        return operation()
     except (OperationalError, InterfaceError):
-        # The connection died under us (database restarted, backend terminated): one fresh try.
-        connections[database].close()
-        claimed = _claim(call_id, database)
+        connection = connections[database]
+        if connection.in_atomic_block:
+            raise
+        logger.warning(
+            "Database connection %r failed; retrying on a new connection.", database, exc_info=True
+        )
+        connection.close()
+        return operation()
+
+
+def _claim_and_run(call_id: int, database: str) -> None:
+    claimed = _reconnecting(database, lambda: _claim(call_id, database))
     if not claimed:
         logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
         return
     manager = MethodCall.objects.using(database)
     try:
-        call = manager.get(pk=call_id)
+        call = _reconnecting(database, lambda: manager.get(pk=call_id))
+    except (OperationalError, InterfaceError):
+        raise  # the database is unreachable: the lease runs out and recovery takes over
     except Exception as exc:  # a forged or corrupt row that cannot even be loaded
         manager.filter(pk=call_id, state=CallState.RUNNING).update(
             state=CallState.FAILED,
@@ -190,8 +208,9 @@ class LeaseKeeper:
 
 def _run_claimed(call: MethodCall) -> None:
     started = time.monotonic()
+    database = call._state.db or "default"
     try:
-        function, instance, args, kwargs = _prepare(call)
+        function, instance, args, kwargs = _reconnecting(database, lambda: _prepare(call))
     except _CannotRun as refusal:
         _record_failure(call, refusal.error_type, refusal.error, "", started, retryable=False)
         return
@@ -303,10 +322,14 @@ def _storable_text(text: str) -> str:
 
 def _finish(call: MethodCall, **changes: Any) -> bool:
     """Apply ``changes`` if the row is still this attempt's; return whether it was."""
-    updated = (
-        MethodCall.objects.using(call._state.db)
-        .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
-        .update(lease_expires_at=None, **changes)
+    database = call._state.db or "default"
+    updated = _reconnecting(
+        database,
+        lambda: (
+            MethodCall.objects.using(database)
+            .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
+            .update(lease_expires_at=None, **changes)
+        ),
     )
     if not updated:
         logger.warning(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from django.conf import settings
 from django.db import DatabaseError, router
 from django.db.models.functions import Now
+from rq.exceptions import StopRequested
 
 from . import conf, dispatch
 from .job import attempt_entry
@@ -33,9 +34,6 @@ from .models import CallState, MethodCall
 from .options import policy_from_row
 
 logger = logging.getLogger("asyncmodels.recovery")
-
-#: RQ job statuses in which the job will still run (or is running): anything else is dead.
-LIVE_JOB_STATUSES = frozenset({"queued", "started", "deferred", "scheduled"})
 
 
 @dataclass
@@ -105,6 +103,8 @@ def _push_each(calls: Iterable[MethodCall], push: Callable[..., bool]) -> tuple[
     for call in calls:
         try:
             pushed += push(call, raise_errors=True)
+        except StopRequested:
+            raise  # RQ's warm shutdown arrived during the pass
         except Exception:
             return pushed, 1  # already logged by dispatch; the rest would fail (and wait) too
     return pushed, 0
@@ -148,19 +148,25 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
     for queue_name, queued in by_queue.items():
         try:
             connection = dispatch.get_queue(queue_name).connection
+            queue_key = dispatch.get_queue(queue_name).key
             with connection.pipeline(transaction=False) as pipeline:
                 for call in queued:
                     pipeline.hget(Job.key_for(call.job_id), "status")
-                statuses = pipeline.execute()
+                    pipeline.lpos(queue_key, call.job_id)
+                replies = pipeline.execute()
         except Exception:
             logger.exception(
                 "Could not ask Redis about %s enqueued call(s) of queue %r.", len(queued), queue_name
             )
             report.errors += 1
             continue
-        for call, status in zip(queued, statuses, strict=True):
+        for index, call in enumerate(queued):
+            status, position = replies[2 * index], replies[2 * index + 1]
             status = status.decode() if isinstance(status, bytes) else status
-            if status in LIVE_JOB_STATUSES:
+            # "queued" is only true while the job is in the queue's list: a worker killed after
+            # taking it off the list, before claiming the call, leaves it "queued" (or "started")
+            # for good. The row says enqueued for longer than the grace: no live worker has it.
+            if status == "queued" and position is not None:
                 continue
             if status is not None:  # a dead job (failed, stopped...) would block a push under its id
                 Job(call.job_id, connection=connection).delete(remove_from_queue=True)
@@ -172,6 +178,8 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
             )
             try:
                 report.repushed_enqueued += dispatch.push(call, raise_errors=True)
+            except StopRequested:
+                raise
             except Exception:
                 report.errors += 1
                 break

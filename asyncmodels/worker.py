@@ -25,6 +25,7 @@ from typing import Any
 
 from django.db import connections
 from django.db.models.functions import Now
+from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker as RQSimpleWorker
 from rq.worker import Worker as RQWorker
 
@@ -68,6 +69,8 @@ class RecoveryMixin:
         self._asyncmodels_last_recovery = time.monotonic()
         try:
             recover_stranded_calls()
+        except StopRequested:
+            raise  # RQ's warm shutdown, raised by its SIGTERM handler: let the worker stop
         except Exception:
             logger.exception("Recovery pass failed; the worker goes on.")
         finally:

@@ -342,3 +342,27 @@ def test_pushing_a_call_rq_still_holds_adds_no_second_job(queued_jobs: Callable[
     assert queued_jobs() == 1
     assert dispatch.push(call) is True
     assert queued_jobs() == 1
+
+
+def test_bookkeeping_retries_once_on_a_fresh_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import OperationalError
+
+    from asyncmodels import job
+
+    echo = Echo.objects.create()
+    call = echo.bump()
+    real_prepare = job._prepare
+    failures: list[int] = []
+
+    def prepare_on_a_dropped_connection(claimed: MethodCall) -> object:
+        if not failures:
+            failures.append(1)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_prepare(claimed)
+
+    monkeypatch.setattr(job, "_prepare", prepare_on_a_dropped_connection)
+    run_method_call(call.pk, "default")
+    call.refresh_from_db()
+    assert (call.state, failures) == (CallState.SUCCEEDED, [1])
+    echo.refresh_from_db()
+    assert echo.hits == 1

@@ -256,3 +256,17 @@ def test_with_redis_down_a_pass_stops_pushing_after_the_first_failure(
     assert (report.pushed_pending, report.errors) == (0, 1)
     assert len(attempts) == 1  # not five waits on a dead Redis
     assert MethodCall.objects.pending().count() == 5
+
+
+def test_job_taken_off_the_queue_by_a_worker_that_died_before_claiming_is_pushed_again(
+    redis_connection: redis.Redis, run_worker: RunWorker
+) -> None:
+    call = Echo.objects.create().bump()
+    queue = dispatch.get_queue("default")
+    queue.connection.lrem(queue.key, 0, call.job_id)  # dequeued; its status still says "queued"
+    assert Job.fetch(call.job_id, connection=queue.connection).get_status() == JobStatus.QUEUED
+    _age(call, enqueued_at=True)
+    assert recover_stranded_calls().repushed_enqueued == 1
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.attempts) == (CallState.SUCCEEDED, 1)

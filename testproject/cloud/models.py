@@ -256,6 +256,9 @@ class Execution(models.Model):
     pid = models.PositiveIntegerField(help_text="The process (RQ work horse) that ran it.")
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True, help_text="Unset if the process was killed.")
+    killed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the chaos run saw its process dead, after a kill -9."
+    )
 
     class Meta:
         ordering = ("started_at", "id")
