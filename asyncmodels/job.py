@@ -360,7 +360,16 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
         encoded = None
         note = _storable_text(f"The method returned normally, but its result could not be stored: {exc}")
     log = [*call.attempt_log, attempt_entry(call, "succeeded", time.monotonic() - started)]
-    done = {"state": CallState.SUCCEEDED, "finished_at": Now(), "attempt_log": log, "state_reason": ""}
+    # Earlier attempts' errors stay in attempt_log; the call itself no longer has an error.
+    done = {
+        "state": CallState.SUCCEEDED,
+        "finished_at": Now(),
+        "attempt_log": log,
+        "state_reason": "",
+        "error_type": "",
+        "error": "",
+        "traceback": "",
+    }
     try:
         recorded = _finish(call, result=encoded, result_note=note, **done)
     except DatabaseError as exc:  # the database refused the result itself: keep the outcome

@@ -17,6 +17,7 @@ table and checks each outcome. The exit status is 0 only if every call ended as 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import os
 import signal
@@ -35,12 +36,13 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
+from django.db.models import Max
 from django.test import override_settings
 from django.utils import timezone
 from tabulate import tabulate
 
 from asyncmodels.models import CallState, MethodCall
-from testproject.cloud.models import Account, Instance, ProvisioningError, Region, Volume
+from testproject.cloud.models import Account, Echo, Instance, ProvisioningError, Region, Volume
 
 TABLE_HEADERS = (
     "case",
@@ -71,6 +73,7 @@ class Expected:
     call: MethodCall
     state: str
     check: Check | None = None
+    attempts: int | None = None  # default: 1, or 0 for a call cancelled before it ran
 
 
 def result_is(expected: Any) -> Check:
@@ -94,8 +97,10 @@ class DemoRun:
         self.problems_found: list[str] = []
         self.rolled_back: Instance | None = None
 
-    def expect(self, case: str, call: MethodCall, state: str, check: Check | None = None) -> None:
-        self.expected.append(Expected(case, call, state, check))
+    def expect(
+        self, case: str, call: MethodCall, state: str, check: Check | None = None, attempts: int | None = None
+    ) -> None:
+        self.expected.append(Expected(case, call, state, check, attempts))
 
     def make_calls(self) -> None:
         account = Account.objects.create(name=f"acme {timezone.now():%Y-%m-%d %H:%M:%S}")
@@ -162,10 +167,30 @@ class DemoRun:
             result_is("invoice 2026-11 sent to globex"),
         )
 
+        # Fails once (a flaky dependency), is retried after a 1 s backoff, then succeeds.
+        self.expect(
+            "retried, then succeeded",
+            Echo.objects.create(note="demo").flaky.using(retry_backoff=1, retry_backoff_max=1)(failures=1),
+            CallState.SUCCEEDED,
+            lambda call: (
+                None
+                if [entry["outcome"] for entry in call.attempt_log] == ["failed", "succeeded"]
+                else f"attempt log is {call.attempt_log!r}"
+            ),
+            attempts=2,
+        )
+
         cancelled = web.backup(seconds=1.0)
         if not cancelled.cancel():
             self.problems_found.append(f"call #{cancelled.pk}: cancel() returned False before any worker ran")
         self.expect("cancelled", cancelled, CallState.CANCELLED)
+
+    def next_retry_due(self) -> datetime.datetime | None:
+        """When the latest of this run's scheduled retries is due, or None if none is waiting."""
+        pks = [item.call.pk for item in self.expected if item.call._state.db == "default"]
+        scheduled = MethodCall.objects.filter(pk__in=pks, state=CallState.SCHEDULED)
+        due: datetime.datetime | None = scheduled.aggregate(due=Max("run_after"))["due"]
+        return due
 
     def refresh(self) -> None:
         for item in self.expected:
@@ -176,7 +201,11 @@ class DemoRun:
         found = list(self.problems_found)
         for item in self.expected:
             call = item.call
-            for problem in (_state_problem(call, item.state), item.check(call) if item.check else None):
+            checks = (
+                _state_problem(call, item.state, item.attempts),
+                item.check(call) if item.check else None,
+            )
+            for problem in checks:
                 if problem:
                     found.append(f"{item.case} (call #{call.pk} on {call._state.db}): {problem}")
         if self.rolled_back is not None:
@@ -205,12 +234,13 @@ class DemoRun:
         return str(tabulate(rows, headers=TABLE_HEADERS))
 
 
-def _state_problem(call: MethodCall, state: str) -> str | None:
+def _state_problem(call: MethodCall, state: str, attempts: int | None = None) -> str | None:
     if call.state != state:
         return f"state is {call.state}, expected {state}"
     ran = state != CallState.CANCELLED
-    if call.attempts != int(ran):
-        return f"{call.attempts} attempts, expected {int(ran)}"
+    expected_attempts = int(ran) if attempts is None else attempts
+    if call.attempts != expected_attempts:
+        return f"{call.attempts} attempts, expected {expected_attempts}"
     if ran and (call.started_at is None or call.finished_at is None):
         return "started_at/finished_at not recorded"
     if state == CallState.SUCCEEDED and call.error:
@@ -354,6 +384,15 @@ class Command(BaseCommand):
             demo.make_calls()
             self.log(verbosity, f"Made {len(demo.expected)} calls (and 1 rolled back); running a worker…")
             status, output = run_worker(redis_url, timeout=timeout)
+            # Retries wait out their backoff as "scheduled"; a worker's recovery pass pushes them
+            # once due. This worker runs in burst mode, so run it again after each wait.
+            for _ in range(5):
+                due = demo.next_retry_due()
+                if status != 0 or due is None:
+                    break
+                time.sleep(max(0.0, (due - timezone.now()).total_seconds()) + 0.2)
+                status, more = run_worker(redis_url, timeout=timeout)
+                output += more
         if status != 0:
             self.stderr.write(output)
             what = f"timed out after {timeout:g} s" if status is None else f"exited with status {status}"
