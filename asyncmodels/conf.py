@@ -58,10 +58,13 @@ def find_problems() -> list[str]:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"ASYNCMODELS[{key!r}] must be a positive number, not {value!r}.")
-    if not problems and config["LEASE_RENEW_SECONDS"] >= config["LEASE_SECONDS"]:
+    batch = config["RECOVERY_BATCH_SIZE"]
+    if not problems and (isinstance(batch, float) and not batch.is_integer()):
+        problems.append(f"ASYNCMODELS['RECOVERY_BATCH_SIZE'] must be a whole number, not {batch!r}.")
+    if not problems and config["LEASE_RENEW_SECONDS"] * 2 > config["LEASE_SECONDS"]:
         problems.append(
-            "ASYNCMODELS['LEASE_RENEW_SECONDS'] must be shorter than ASYNCMODELS['LEASE_SECONDS'], "
-            "or a busy worker's lease expires before it is renewed."
+            "ASYNCMODELS['LEASE_RENEW_SECONDS'] must be at most half of ASYNCMODELS['LEASE_SECONDS'], "
+            "or one late renewal lets a busy worker's lease expire."
         )
     return problems
 
@@ -82,8 +85,8 @@ def get_backend_name() -> str:
     return str(get_config()["BACKEND"])
 
 
-def get_seconds(key: str) -> datetime.timedelta:
-    """Return the duration setting ``key`` (stored in seconds) as a ``timedelta``."""
+def get_duration(key: str) -> datetime.timedelta:
+    """Return the duration setting ``key`` (configured in seconds) as a ``timedelta``."""
     return datetime.timedelta(seconds=float(get_config()[key]))
 
 

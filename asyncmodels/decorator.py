@@ -149,6 +149,10 @@ class BoundAsyncMethod:
         return MethodCall.objects.using(database).for_object(self.instance).for_method(self.entry.name)
 
 
+#: The furthest ahead a call may be scheduled by a timedelta (the database adds it to its clock).
+MAX_RUN_AFTER = datetime.timedelta(days=3650)
+
+
 def _check_run_after(value: Any, where: str) -> datetime.datetime | datetime.timedelta | None:
     if value is None:
         return None
@@ -160,8 +164,10 @@ def _check_run_after(value: Any, where: str) -> datetime.datetime | datetime.tim
             )
         return value
     if isinstance(value, datetime.timedelta):
-        if value < datetime.timedelta(0):
-            raise InvalidOptionError(f"{where}: run_after must not be a negative timedelta, not {value}.")
+        if not datetime.timedelta(0) <= value <= MAX_RUN_AFTER:
+            raise InvalidOptionError(
+                f"{where}: run_after must be a timedelta from 0 to {MAX_RUN_AFTER.days} days, not {value}."
+            )
         return value
     raise InvalidOptionError(f"{where}: run_after must be a timedelta or an aware datetime, not {value!r}.")
 

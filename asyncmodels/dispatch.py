@@ -52,8 +52,11 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         return True
     from rq.exceptions import DuplicateJobError
 
-    timeout = (call.policy or {}).get("timeout")
+    if call.queue not in conf.get_rq_queue_names():
+        _fail_for_unknown_queue(call)
+        return False
     try:
+        timeout = call.policy.get("timeout") if isinstance(call.policy, dict) else None
         queue = get_queue(call.queue)
         queue.enqueue(
             JOB_FUNCTION,
@@ -85,6 +88,26 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         return False
     call.mark_enqueued()
     return True
+
+
+def _fail_for_unknown_queue(call: MethodCall) -> None:
+    """A call whose queue left ``RQ_QUEUES`` (renamed, removed) can never be pushed: end it, saying so."""
+    from django.db.models.functions import Now
+
+    from .models import CallState, MethodCall
+
+    error = (
+        f"Queue {call.queue!r} is no longer in settings.RQ_QUEUES, so the call cannot be pushed; "
+        "nothing was run. Restore the queue and retry the call, or cancel it."
+    )
+    failed = (
+        MethodCall.objects.using(call._state.db)
+        .filter(pk=call.pk, state__in=[CallState.PENDING, CallState.ENQUEUED])
+        .update(state=CallState.FAILED, finished_at=Now(), error_type="asyncmodels.UnknownQueue", error=error)
+    )
+    if failed:
+        call.state = CallState.FAILED
+        logger.error("Call %s failed: %s", call.pk, error)
 
 
 def _note_push_failure(call: MethodCall, exc: Exception) -> None:

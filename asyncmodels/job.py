@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ from django.db.models.functions import Coalesce, Now
 from . import conf, registry, serialization
 from .exceptions import DecodingError, EncodingError
 from .models import CLAIMABLE_STATES, CallState, MethodCall
-from .options import policy_from_row
+from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.job")
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def _running_under_rq() -> bool:
 
 
 def _claim(call_id: int, database: str) -> int:
-    lease = conf.get_seconds("LEASE_SECONDS")
+    lease = conf.get_duration("LEASE_SECONDS")
     return (
         MethodCall.objects.using(database)
         .filter(pk=call_id, state__in=CLAIMABLE_STATES)
@@ -122,7 +123,16 @@ def _reconnecting(database: str, operation: Callable[[], T]) -> T:
 
 
 def _claim_and_run(call_id: int, database: str) -> None:
-    claimed = _reconnecting(database, lambda: _claim(call_id, database))
+    try:
+        claimed = _claim(call_id, database)
+    except (OperationalError, InterfaceError):
+        connections[database].close()
+        # The first claim may have committed with its reply lost: then the row is ours already.
+        claimed = _claim(call_id, database) or (
+            MethodCall.objects.using(database)
+            .filter(pk=call_id, state=CallState.RUNNING, worker=current_worker_name()[:255], finished_at=None)
+            .count()
+        )
     if not claimed:
         logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
         return
@@ -166,8 +176,8 @@ class LeaseKeeper:
 
     def __init__(self, call: MethodCall) -> None:
         self.call = call
-        self.interval = conf.get_seconds("LEASE_RENEW_SECONDS").total_seconds()
-        self.length = conf.get_seconds("LEASE_SECONDS")
+        self.interval = conf.get_duration("LEASE_RENEW_SECONDS").total_seconds()
+        self.length = conf.get_duration("LEASE_SECONDS")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"asyncmodels-lease-{call.pk}", daemon=True)
 
@@ -189,7 +199,7 @@ class LeaseKeeper:
                         .filter(pk=self.call.pk, state=CallState.RUNNING, attempts=self.call.attempts)
                         .update(lease_expires_at=Now() + self.length)
                     )
-                except DatabaseError:
+                except Exception:
                     # A dropped connection (database restart, pg_terminate_backend): reconnect at
                     # the next tick rather than let the lease run out under a live method.
                     logger.exception("Renewing the lease of call %s failed; will retry.", self.call.pk)
@@ -225,6 +235,7 @@ def _run_claimed(call: MethodCall) -> None:
                         raise _AttemptTakenOver
             else:
                 result = function(instance, *args, **kwargs)
+                _cancel_rq_timeout()
     except _AttemptTakenOver:
         logger.warning(
             "Call %s attempt %s was taken over while it ran; its writes were rolled back.",
@@ -248,6 +259,17 @@ def _run_claimed(call: MethodCall) -> None:
         return
     if not atomic:
         _record_success(call, result, started)
+
+
+def _cancel_rq_timeout() -> None:
+    """Stop RQ's job timer once the method has returned: it bounds the method, not our records.
+
+    RQ's default death penalty is a SIGALRM timer in the job's thread; a timeout firing while the
+    outcome is recorded would lose a success. (The atomic path records inside the method's
+    transaction, so there the timer bounds both, and a timeout rolls both back.)
+    """
+    if threading.current_thread() is threading.main_thread() and _running_under_rq():
+        signal.alarm(0)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -393,7 +415,7 @@ def _record_failure(
     outcome: str = "failed",
 ) -> None:
     error_type, error, trace = _storable_text(error_type)[:255], _storable_text(error), _storable_text(trace)
-    policy = policy_from_row(call.policy)
+    policy = retry_policy_from_row(call.policy)
     log = [
         *call.attempt_log,
         attempt_entry(call, outcome, time.monotonic() - started, f"{error_type}: {error}"),

@@ -108,8 +108,18 @@ def build_options(where: str, base: MethodOptions | None = None, **given: Any) -
     )
 
 
-def policy_from_row(policy: dict[str, Any] | None) -> RetryPolicy:
-    """The retry policy stored on a row (``MethodCall.policy``); no retries if it is missing."""
+def retry_policy_from_row(policy: Any) -> RetryPolicy:
+    """The retry part of a row's ``MethodCall.policy``; no retries if it is missing or malformed.
+
+    Never raises: recovery and the job must be able to end any call, whatever its row holds.
+    """
+    try:
+        return _retry_policy(policy)
+    except Exception:  # a forged or corrupt policy
+        return RetryPolicy(retries=0)
+
+
+def _retry_policy(policy: Any) -> RetryPolicy:
     policy = policy or {}
     defaults = MethodOptions()
     return RetryPolicy(

@@ -23,22 +23,31 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
+import redis
 from django.conf import settings
-from django.db import DatabaseError, router
+from django.db import router
+from django.db.models import Q
 from django.db.models.functions import Now
 from rq.exceptions import StopRequested
 
 from . import conf, dispatch
 from .job import attempt_entry
 from .models import CallState, MethodCall
-from .options import policy_from_row
+from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.recovery")
+
+#: Errors that mean Redis itself is unreachable: no point pushing the rest of a batch.
+REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: Above this many waiting jobs, a queue's list is not scanned for each enqueued call (LPOS is
+#: O(length)); the job's "queued" status is trusted instead.
+MAX_SCANNED_QUEUE_LENGTH = 10_000
 
 
 @dataclass
 class RecoveryReport:
-    """What one pass did, per kind of action (counts of calls)."""
+    """What one pass did: calls moved on, per kind of action, and ``errors``, the steps, queues or
+    rows that failed (logged; the pass went on without them)."""
 
     pushed_due: int = 0
     pushed_pending: int = 0
@@ -85,7 +94,9 @@ def recover_stranded_calls(databases: Iterable[str] | None = None) -> RecoveryRe
         for step in (_push_due, _push_pending, _repush_lost_jobs, _end_lost_attempts):
             try:
                 report += step(database)
-            except DatabaseError:
+            except StopRequested:
+                raise  # RQ's warm shutdown, raised by its SIGTERM handler
+            except Exception:  # a database or Redis failure, or a bug: the next step still runs
                 logger.exception("Recovery step %s failed on database %r.", step.__name__, database)
                 report.errors += 1
     if report.total or report.errors:
@@ -98,16 +109,18 @@ def _batch_size() -> int:
 
 
 def _push_each(calls: Iterable[MethodCall], push: Callable[..., bool]) -> tuple[int, int]:
-    """Push calls until one push fails; return (pushed, errors). Redis down: stop, try next pass."""
-    pushed = 0
+    """Push calls; return (pushed, errors). Stop at the first sign that Redis is down."""
+    pushed = errors = 0
     for call in calls:
         try:
             pushed += push(call, raise_errors=True)
         except StopRequested:
             raise  # RQ's warm shutdown arrived during the pass
-        except Exception:
+        except REDIS_UNAVAILABLE:
             return pushed, 1  # already logged by dispatch; the rest would fail (and wait) too
-    return pushed, 0
+        except Exception:  # this row's problem only: logged by dispatch, go on with the others
+            errors += 1
+    return pushed, errors
 
 
 def _push_due(database: str) -> RecoveryReport:
@@ -121,7 +134,7 @@ def _push_due(database: str) -> RecoveryReport:
 
 
 def _push_pending(database: str) -> RecoveryReport:
-    grace = conf.get_seconds("PUSH_GRACE_SECONDS")
+    grace = conf.get_duration("PUSH_GRACE_SECONDS")
     stale = (
         MethodCall.objects.using(database)
         .filter(state=CallState.PENDING, created_at__lt=Now() - grace)
@@ -135,7 +148,7 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
     """Push again the enqueued calls whose RQ job no longer exists or will never run."""
     from rq.job import Job
 
-    grace = conf.get_seconds("PUSH_GRACE_SECONDS")
+    grace = conf.get_duration("PUSH_GRACE_SECONDS")
     calls = list(
         MethodCall.objects.using(database)
         .filter(state=CallState.ENQUEUED, enqueued_at__lt=Now() - grace)
@@ -149,11 +162,17 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
         try:
             connection = dispatch.get_queue(queue_name).connection
             queue_key = dispatch.get_queue(queue_name).key
+            scan = connection.llen(queue_key) <= MAX_SCANNED_QUEUE_LENGTH
             with connection.pipeline(transaction=False) as pipeline:
                 for call in queued:
                     pipeline.hget(Job.key_for(call.job_id), "status")
-                    pipeline.lpos(queue_key, call.job_id)
+                    if scan:
+                        pipeline.lpos(queue_key, call.job_id)  # Redis >= 6.0.6
+                    else:
+                        pipeline.exists(Job.key_for(call.job_id))
                 replies = pipeline.execute()
+        except StopRequested:
+            raise
         except Exception:
             logger.exception(
                 "Could not ask Redis about %s enqueued call(s) of queue %r.", len(queued), queue_name
@@ -161,15 +180,15 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
             report.errors += 1
             continue
         for index, call in enumerate(queued):
-            status, position = replies[2 * index], replies[2 * index + 1]
+            status, listed = replies[2 * index], replies[2 * index + 1]
             status = status.decode() if isinstance(status, bytes) else status
             # "queued" is only true while the job is in the queue's list: a worker killed after
             # taking it off the list, before claiming the call, leaves it "queued" (or "started")
             # for good. The row says enqueued for longer than the grace: no live worker has it.
-            if status == "queued" and position is not None:
+            # On a very long queue the list is not scanned: the job's status is trusted instead.
+            in_list = listed is not None if scan else bool(listed)  # LPOS position / EXISTS
+            if status == "queued" and in_list:
                 continue
-            if status is not None:  # a dead job (failed, stopped...) would block a push under its id
-                Job(call.job_id, connection=connection).delete(remove_from_queue=True)
             logger.warning(
                 "Call %s is enqueued but its RQ job %s is %s; pushing it again.",
                 call.pk,
@@ -177,56 +196,80 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
                 status or "gone",
             )
             try:
+                if status is not None:  # a dead job (failed, stopped...) would block a push under its id
+                    Job(call.job_id, connection=connection).delete(remove_from_queue=True)
                 report.repushed_enqueued += dispatch.push(call, raise_errors=True)
             except StopRequested:
                 raise
-            except Exception:
+            except REDIS_UNAVAILABLE:
                 report.errors += 1
                 break
+            except Exception:
+                report.errors += 1
     return report
 
 
 def _end_lost_attempts(database: str) -> RecoveryReport:
     """Retry or fail running calls whose lease expired: their worker is gone."""
+    # A running row without a lease was claimed before leases existed (an upgrade): judge it by
+    # its start instead.
+    expired = Q(lease_expires_at__lt=Now()) | Q(
+        lease_expires_at__isnull=True, started_at__lt=Now() - conf.get_duration("LEASE_SECONDS")
+    )
     lost = (
         MethodCall.objects.using(database)
-        .filter(state=CallState.RUNNING, lease_expires_at__lt=Now())
+        .filter(expired, state=CallState.RUNNING)
         .order_by("lease_expires_at")[: _batch_size()]
     )
     report = RecoveryReport()
     for call in lost:
-        policy = policy_from_row(call.policy)
-        reason = (
-            f"The worker running attempt {call.attempts} ({call.worker or 'unknown'}) was lost: its lease "
-            f"expired at {call.lease_expires_at:%Y-%m-%d %H:%M:%S} without being renewed."
-        )
-        log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
-        if policy.allows_another_attempt(call.attempts):
-            delay = policy.delay_after(call.attempts)
-            changes = {
-                "state": CallState.SCHEDULED,
-                "run_after": Now() + delay,
-                "state_reason": f"{reason} Attempt {call.attempts + 1} of {policy.retries + 1} is due in "
-                f"{delay.total_seconds():.1f} s.",
-            }
-        else:
-            changes = {
-                "state": CallState.FAILED,
-                "finished_at": Now(),
-                "state_reason": "",
-                "error_type": "asyncmodels.WorkerLost",
-                "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
-                "traceback": "",
-            }
-        won = (
-            MethodCall.objects.using(database)
-            .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts, lease_expires_at__lt=Now())
-            .update(lease_expires_at=None, attempt_log=log, **changes)
-        )
-        if won:
-            logger.warning("Call %s: %s", call.pk, changes.get("state_reason") or changes.get("error"))
-            if changes["state"] == CallState.SCHEDULED:
-                report.retried_lost += 1
-            else:
-                report.failed_lost += 1
+        try:
+            outcome = _end_lost_attempt(call, expired)
+        except StopRequested:
+            raise
+        except Exception:  # this row's problem only
+            logger.exception("Could not end the lost attempt of call %s.", call.pk)
+            report.errors += 1
+            continue
+        if outcome == CallState.SCHEDULED:
+            report.retried_lost += 1
+        elif outcome == CallState.FAILED:
+            report.failed_lost += 1
     return report
+
+
+def _end_lost_attempt(call: MethodCall, expired: Q) -> str | None:
+    """Retry or fail ``call`` if its attempt is still the lost one; return the new state, if any."""
+    policy = retry_policy_from_row(call.policy)
+    expiry = f"{call.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC" if call.lease_expires_at else "(no lease)"
+    reason = (
+        f"The worker running attempt {call.attempts} ({call.worker or 'unknown'}) was lost: its lease "
+        f"expired at {expiry} without being renewed."
+    )
+    log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
+    if policy.allows_another_attempt(call.attempts):
+        delay = policy.delay_after(call.attempts)
+        changes = {
+            "state": CallState.SCHEDULED,
+            "run_after": Now() + delay,
+            "state_reason": f"{reason} Attempt {call.attempts + 1} of {policy.retries + 1} is due in "
+            f"{delay.total_seconds():.1f} s.",
+        }
+    else:
+        changes = {
+            "state": CallState.FAILED,
+            "finished_at": Now(),
+            "state_reason": "",
+            "error_type": "asyncmodels.WorkerLost",
+            "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
+            "traceback": "",
+        }
+    won = (
+        MethodCall.objects.using(call._state.db)
+        .filter(expired, pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
+        .update(lease_expires_at=None, attempt_log=log, **changes)
+    )
+    if not won:
+        return None
+    logger.warning("Call %s: %s", call.pk, changes.get("state_reason") or changes.get("error"))
+    return str(changes["state"])

@@ -9,11 +9,16 @@ in the same second, yet none comes back much sooner than planned.
 from __future__ import annotations
 
 import datetime
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import InvalidOptionError
+
+#: The longest timeout or backoff accepted: RQ's timer and every database's interval arithmetic
+#: handle it, and nothing sensible waits longer between two attempts.
+MAX_DURATION = datetime.timedelta(days=365)
 
 
 def as_timedelta(value: Any, *, name: str, allow_none: bool = False) -> datetime.timedelta | None:
@@ -25,12 +30,18 @@ def as_timedelta(value: Any, *, name: str, allow_none: bool = False) -> datetime
         return None
     if isinstance(value, datetime.timedelta):
         duration = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if not 0 < value <= MAX_DURATION.total_seconds():
+            raise InvalidOptionError(
+                f"{name} must be more than 0 and at most {MAX_DURATION.days} days, not {value!r}."
+            )
         duration = datetime.timedelta(seconds=value)
     else:
-        raise InvalidOptionError(f"{name} must be a timedelta or a number of seconds, not {value!r}.")
-    if duration <= datetime.timedelta(0):
-        raise InvalidOptionError(f"{name} must be positive, not {value!r}.")
+        raise InvalidOptionError(f"{name} must be a timedelta or a finite number of seconds, not {value!r}.")
+    if not datetime.timedelta(0) < duration <= MAX_DURATION:
+        raise InvalidOptionError(
+            f"{name} must be more than 0 and at most {MAX_DURATION.days} days, not {value!r}."
+        )
     return duration
 
 
@@ -42,9 +53,9 @@ class RetryPolicy:
     backoff: datetime.timedelta = datetime.timedelta(seconds=10)
     backoff_max: datetime.timedelta = datetime.timedelta(hours=1)
 
-    def allows_another_attempt(self, attempts_made: int) -> bool:
-        """Whether a call that has started ``attempts_made`` attempts may start one more."""
-        return attempts_made <= self.retries
+    def allows_another_attempt(self, attempts: int) -> bool:
+        """Whether a call that has started ``attempts`` attempts may start another."""
+        return attempts <= self.retries
 
     def delay_after(self, attempt: int, rng: random.Random | None = None) -> datetime.timedelta:
         """The wait after attempt number ``attempt`` (1-based) failed: in [cap / 2, cap].

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from types import FrameType
-from typing import Any
 
 from django.db import connections
 from django.db.models.functions import Now
@@ -79,18 +78,28 @@ class RecoveryMixin:
 
     def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
         job = self.get_current_job()  # type: ignore[attr-defined]
+        horse_pid = int(getattr(self, "horse_pid", 0) or 0)
         try:
+            # Returns without doing anything when the signal repeats within a second; else
+            # kills the work horse (forking workers) and raises SystemExit.
             super().request_force_stop(signum, frame)  # type: ignore[misc]
-        finally:  # request_force_stop ends with SystemExit after killing the horse
-            if job is not None and job.func_name == JOB_FUNCTION and len(job.args) == 2:
-                hand_back(*job.args)
+        except SystemExit:
+            # Only a forking worker whose horse was really killed hands the call back; in a
+            # SimpleWorker the SystemExit runs through the job itself, which records it.
+            if horse_pid and job is not None and job.func_name == JOB_FUNCTION and len(job.args) == 2:
+                hand_back(int(job.args[0]), str(job.args[1]), worker=str(self.name))  # type: ignore[attr-defined]
+            raise
 
 
-def hand_back(call_id: Any, database: Any) -> None:
-    """End a running call's lease now (its worker is stopping hard) and let recovery act on it."""
+def hand_back(call_id: int, database: str, *, worker: str) -> None:
+    """End the lease of call ``call_id`` on ``database`` now, if ``worker`` (its name) still runs it.
+
+    For a worker stopping hard: its work horse is dead, so recovery may act on the call at once
+    (retry or fail it) instead of after the lease. Never raises.
+    """
     try:
-        MethodCall.objects.using(database).filter(pk=call_id, state=CallState.RUNNING).update(
-            lease_expires_at=Now() - conf.get_seconds("LEASE_SECONDS")
+        MethodCall.objects.using(database).filter(pk=call_id, state=CallState.RUNNING, worker=worker).update(
+            lease_expires_at=Now() - conf.get_duration("LEASE_SECONDS")
         )
         recover_stranded_calls([database])
     except Exception:

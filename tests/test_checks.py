@@ -77,7 +77,8 @@ def test_w001_is_silent_with_the_immediate_backend() -> None:
     [
         ({"LEASE_SECONDS": 0}, "positive number"),
         ({"LEASE_SECONDS": "60"}, "positive number"),
-        ({"LEASE_SECONDS": 10, "LEASE_RENEW_SECONDS": 10}, "shorter than"),
+        ({"LEASE_SECONDS": 10, "LEASE_RENEW_SECONDS": 6}, "at most half"),
+        ({"RECOVERY_BATCH_SIZE": 0.5}, "whole number"),
         ({"RECOVERY_INTERVAL_SECONDS": -1}, "positive number"),
     ],
 )

@@ -270,3 +270,52 @@ def test_job_taken_off_the_queue_by_a_worker_that_died_before_claiming_is_pushed
     run_worker()
     call.refresh_from_db()
     assert (call.state, call.attempts) == (CallState.SUCCEEDED, 1)
+
+
+def test_running_row_from_before_leases_existed_is_judged_by_its_start() -> None:
+    call = Echo.objects.create().bump()
+    MethodCall.objects.filter(pk=call.pk).update(
+        state=CallState.RUNNING, attempts=1, started_at=Now() - AGES_AGO, lease_expires_at=None
+    )
+    assert recover_stranded_calls().failed_lost == 1
+    call.refresh_from_db()
+    assert call.error_type == "asyncmodels.WorkerLost"
+
+
+def test_call_whose_queue_left_rq_queues_fails_saying_so_and_others_still_move(
+    settings: object, dead_redis: None
+) -> None:
+    stranded = Echo.objects.create().bump.using(queue="urgent")()
+    other = Echo.objects.create().bump()
+    queues = dict(settings.RQ_QUEUES)  # type: ignore[attr-defined]
+    del queues["urgent"]
+    settings.RQ_QUEUES = queues  # type: ignore[attr-defined]
+    MethodCall.objects.update(created_at=Now() - AGES_AGO - datetime.timedelta(minutes=1))
+    MethodCall.objects.filter(pk=other.pk).update(created_at=Now() - AGES_AGO)
+    recover_stranded_calls(["default"])
+    stranded.refresh_from_db()
+    assert (stranded.state, stranded.error_type) == (CallState.FAILED, "asyncmodels.UnknownQueue")
+    assert "'urgent' is no longer in settings.RQ_QUEUES" in stranded.error
+    other.refresh_from_db()
+    assert other.state == CallState.PENDING  # Redis is down for it: it waits, with its reason
+    assert "push to queue 'default' failed" in other.state_reason
+
+
+def test_a_row_that_breaks_recovery_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncmodels import recovery
+
+    broken, fine = Echo.objects.create().bump(), Echo.objects.create().bump()
+    for call in (broken, fine):
+        _claimed_then_lost(call)
+    real = recovery._end_lost_attempt
+
+    def fail_for_one(call: MethodCall, expired: object) -> str | None:
+        if call.pk == broken.pk:
+            raise RuntimeError("a corrupt row")
+        return real(call, expired)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(recovery, "_end_lost_attempt", fail_for_one)
+    report = recover_stranded_calls(["default"])
+    assert (report.failed_lost, report.errors) == (1, 1)
+    fine.refresh_from_db()
+    assert fine.state == CallState.FAILED
