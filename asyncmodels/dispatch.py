@@ -97,13 +97,19 @@ def _fail_for_unknown_queue(call: MethodCall) -> None:
     from .models import CallState, MethodCall
 
     error = (
-        f"Queue {call.queue!r} is no longer in settings.RQ_QUEUES, so the call cannot be pushed; "
-        "nothing was run. Restore the queue and retry the call, or cancel it."
+        f"Queue {call.queue!r} is no longer in settings.RQ_QUEUES, so the call could not be pushed; "
+        "nothing was run. Restore the queue before making such calls again."
     )
     failed = (
         MethodCall.objects.using(call._state.db)
         .filter(pk=call.pk, state__in=[CallState.PENDING, CallState.ENQUEUED])
-        .update(state=CallState.FAILED, finished_at=Now(), error_type="asyncmodels.UnknownQueue", error=error)
+        .update(
+            state=CallState.FAILED,
+            finished_at=Now(),
+            error_type="asyncmodels.UnknownQueue",
+            error=error,
+            state_reason="",
+        )
     )
     if failed:
         call.state = CallState.FAILED

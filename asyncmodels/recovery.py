@@ -224,7 +224,7 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
     report = RecoveryReport()
     for call in lost:
         try:
-            outcome = _end_lost_attempt(call, expired)
+            outcome = end_lost_attempt(call, expired)
         except StopRequested:
             raise
         except Exception:  # this row's problem only
@@ -238,14 +238,20 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
     return report
 
 
-def _end_lost_attempt(call: MethodCall, expired: Q) -> str | None:
-    """Retry or fail ``call`` if its attempt is still the lost one; return the new state, if any."""
+def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None) -> str | None:
+    """Retry or fail ``call``, whose running attempt lost its worker; return the new state, if any.
+
+    A compare-and-set on (running, this attempt, ``still_lost``): if the attempt moved on since
+    ``call`` was read, nothing changes and ``None`` is returned. ``reason`` defaults to the
+    lease having expired.
+    """
     policy = retry_policy_from_row(call.policy)
-    expiry = f"{call.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC" if call.lease_expires_at else "(no lease)"
-    reason = (
-        f"The worker running attempt {call.attempts} ({call.worker or 'unknown'}) was lost: its lease "
-        f"expired at {expiry} without being renewed."
-    )
+    if reason is None:
+        expiry = f"{call.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC" if call.lease_expires_at else "(no lease)"
+        reason = (
+            f"The worker running attempt {call.attempts} ({call.worker or 'unknown'}) was lost: its lease "
+            f"expired at {expiry} without being renewed."
+        )
     log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
     if policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)
@@ -266,7 +272,7 @@ def _end_lost_attempt(call: MethodCall, expired: Q) -> str | None:
         }
     won = (
         MethodCall.objects.using(call._state.db)
-        .filter(expired, pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
+        .filter(still_lost, pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
         .update(lease_expires_at=None, attempt_log=log, **changes)
     )
     if not won:

@@ -23,7 +23,7 @@ import time
 from types import FrameType
 
 from django.db import connections
-from django.db.models.functions import Now
+from django.db.models import Q
 from rq.exceptions import StopRequested
 from rq.worker import SimpleWorker as RQSimpleWorker
 from rq.worker import Worker as RQWorker
@@ -31,7 +31,7 @@ from rq.worker import Worker as RQWorker
 from . import conf
 from .dispatch import JOB_FUNCTION
 from .models import CallState, MethodCall
-from .recovery import recover_stranded_calls
+from .recovery import end_lost_attempt, recover_stranded_calls
 
 logger = logging.getLogger("asyncmodels.worker")
 
@@ -92,16 +92,24 @@ class RecoveryMixin:
 
 
 def hand_back(call_id: int, database: str, *, worker: str) -> None:
-    """End the lease of call ``call_id`` on ``database`` now, if ``worker`` (its name) still runs it.
+    """End the attempt of call ``call_id`` on ``database`` now, if ``worker`` (its name) still runs it.
 
-    For a worker stopping hard: its work horse is dead, so recovery may act on the call at once
-    (retry or fail it) instead of after the lease. Never raises.
+    For a worker stopping hard: its work horse is dead, so the call is retried (if its policy
+    allows) or failed at once, instead of after its lease. Never raises.
     """
     try:
-        MethodCall.objects.using(database).filter(pk=call_id, state=CallState.RUNNING, worker=worker).update(
-            lease_expires_at=Now() - conf.get_duration("LEASE_SECONDS")
+        call = (
+            MethodCall.objects.using(database)
+            .filter(pk=call_id, state=CallState.RUNNING, worker=worker)
+            .first()
         )
-        recover_stranded_calls([database])
+        if call is None:
+            return
+        reason = (
+            f"The worker running attempt {call.attempts} ({worker}) was stopped hard (a second SIGTERM "
+            "or SIGINT) and its work horse killed."
+        )
+        end_lost_attempt(call, Q(worker=worker), reason)
     except Exception:
         logger.exception("Could not hand back call %s; its lease will expire on its own.", call_id)
 

@@ -307,14 +307,14 @@ def test_a_row_that_breaks_recovery_does_not_stop_the_others(monkeypatch: pytest
     broken, fine = Echo.objects.create().bump(), Echo.objects.create().bump()
     for call in (broken, fine):
         _claimed_then_lost(call)
-    real = recovery._end_lost_attempt
+    real = recovery.end_lost_attempt
 
     def fail_for_one(call: MethodCall, expired: object) -> str | None:
         if call.pk == broken.pk:
             raise RuntimeError("a corrupt row")
         return real(call, expired)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(recovery, "_end_lost_attempt", fail_for_one)
+    monkeypatch.setattr(recovery, "end_lost_attempt", fail_for_one)
     report = recover_stranded_calls(["default"])
     assert (report.failed_lost, report.errors) == (1, 1)
     fine.refresh_from_db()

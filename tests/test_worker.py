@@ -96,6 +96,7 @@ def test_second_sigterm_stops_hard_and_hands_the_call_back(spawn_worker: SpawnWo
     worker.wait(timeout=30)
     wait_for(lambda: _state(call) == CallState.FAILED, timeout=10, message="the hand-back")
     assert call.error_type == "asyncmodels.WorkerLost"
+    assert "was stopped hard" in call.error
 
 
 def test_kill_9_of_the_work_horse_alone_is_recovered_by_the_same_worker(spawn_worker: SpawnWorker) -> None:
