@@ -1,74 +1,469 @@
-"""Read-only admin for ``MethodCall``: what ran, when, on what, and how it ended."""
+"""The admin: every call and its fate, per object too; safe retry and cancel; an overview.
+
+``MethodCallAdmin`` is read-only (nobody edits a call by hand). Its only writes are the retry and
+cancel actions, each a compare-and-set on the row (``MethodCall.retry()``, ``MethodCall.cancel()``)
+behind its own permission, ``asyncmodels.retry_methodcall`` and ``asyncmodels.cancel_methodcall``.
+The list stays cheap on a table of millions of rows: filters take their choices from settings and
+the registry (no ``SELECT DISTINCT``), the row count is bounded (``BoundedCountPaginator``), and
+each filter has an index that serves it in ``-id`` order.
+
+``MethodCallsAdminMixin`` puts an object's calls on its own change page:
+``class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin): ...``.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.utils import quote
-from django.http import HttpRequest
-from django.urls import NoReverseMatch, reverse
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.views.decorators.http import require_POST
 
-from .models import MethodCall
+from . import conf, registry
+from .models import CallState, MethodCall
 
 if TYPE_CHECKING:
+    from django.db.models import Model
+
     MethodCallAdminBase = admin.ModelAdmin[MethodCall]
+    MixinBase = admin.ModelAdmin[Any]
 else:  # ModelAdmin is generic only in django-stubs
     MethodCallAdminBase = admin.ModelAdmin
+    MixinBase = object
+
+CHANGELIST = "admin:asyncmodels_methodcall_changelist"
+CHANGE = "admin:asyncmodels_methodcall_change"
+ADMIN_CSS = "asyncmodels/admin.css"
+
+
+def state_badge(state: str) -> SafeString:
+    """A call's state as a coloured badge (the colours are in ``asyncmodels/admin.css``)."""
+    return format_html('<span class="asyncmodels-state asyncmodels-state-{}">{}</span>', state, state)
 
 
 def _pretty_json(value: Any) -> SafeString:
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+    return format_html(
+        '<pre class="asyncmodels-json">{}</pre>',
+        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False),
+    )
+
+
+def _format_time(value: datetime.datetime | None) -> str:
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _first_line(text: str, limit: int = 120) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def calls_url(**filters: str) -> str:
+    """The call list's URL with ``filters`` (the list's own query parameters) applied."""
+    url = reverse(CHANGELIST)
+    return f"{url}?{urlencode(filters)}" if filters else url
+
+
+def object_filter_value(obj: Model) -> str:
+    """The call list's ``object`` filter value for ``obj``: ``"<content type id>:<primary key>"``."""
+    content_type = ContentType.objects.db_manager(obj._state.db).get_for_model(obj)
+    return f"{content_type.pk}:{obj.pk}"
+
+
+def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | str:
+    """The call's object as "Model <pk>", linked to the object's admin page when it has one."""
+    content_type = ContentType.objects.db_manager(call._state.db).get_for_id(call.content_type_id)
+    model = content_type.model_class()
+    if model is None:
+        return f"{content_type.app_label}.{content_type.model} {call.object_id}"
+    label = f"{model._meta.verbose_name} {call.object_id}"
+    if not admin_site.is_registered(model):
+        return label
+    try:
+        url = reverse(
+            f"{admin_site.name}:{content_type.app_label}_{content_type.model}_change",
+            args=[quote(call.object_id)],
+        )
+    except NoReverseMatch:
+        return label
+    return format_html('<a href="{}">{}</a>', url, label)
+
+
+class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
+    """A paginator that counts at most ``limit`` rows, so no page view runs a full ``COUNT(*)``.
+
+    ``count`` is ``SELECT COUNT(*) FROM (... LIMIT limit + 1)``: on a table of millions of calls
+    it reads at most ``limit + 1`` index entries. When there are more, ``count`` is
+    ``limit + 1``, ``is_bounded`` is ``True`` and the list says "more than <limit>"; pages past
+    the limit are reached by narrowing the filters. The idea is the admin's own
+    ``show_full_result_count = False``, carried over to the filtered count too.
+    """
+
+    limit = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        return int(self.object_list[: self.limit + 1].count())  # type: ignore[attr-defined]
+
+    @property
+    def is_bounded(self) -> bool:
+        """Whether there are more rows than ``limit`` (so ``count`` is not exact)."""
+        return self.count > self.limit
+
+
+class QueueFilter(admin.SimpleListFilter):
+    """Filter by queue; the choices are the queues in ``settings.RQ_QUEUES`` (no query)."""
+
+    title = "queue"
+    parameter_name = "queue"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = sorted(conf.get_rq_queue_names())
+        if self.value() and self.value() not in names:
+            names.append(str(self.value()))  # a removed queue still has calls to look at
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(queue=self.value()) if self.value() else queryset
+
+
+class MethodFilter(admin.SimpleListFilter):
+    """Filter by method; the choices are the registered ``@async_method`` names (no query)."""
+
+    title = "method"
+    parameter_name = "method"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = sorted(entry.name for entry in registry.all_methods())
+        if self.value() and self.value() not in names:
+            names.append(str(self.value()))
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(method=self.value()) if self.value() else queryset
+
+
+class ModelFilter(admin.SimpleListFilter):
+    """Filter by the object's model; the choices are the models with registered methods."""
+
+    title = "model"
+    parameter_name = "model"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        models = {entry.model for entry in registry.all_methods()}
+        return sorted(
+            ((model._meta.label_lower, str(model._meta.verbose_name)) for model in models),
+            key=lambda choice: choice[0],
+        )
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        app_label, _, model = str(value).partition(".")
+        try:  # from the content type cache: the filter is then on the indexed column, no join
+            content_type = ContentType.objects.db_manager(queryset.db).get_by_natural_key(app_label, model)
+        except ContentType.DoesNotExist:
+            return queryset.none()
+        return queryset.filter(content_type=content_type)
+
+
+class ObjectFilter(admin.SimpleListFilter):
+    """The calls of one object (``?object=<content type id>:<pk>``), as linked from its page."""
+
+    title = "object"
+    parameter_name = "object"
+
+    def _parse(self) -> tuple[int, str] | None:
+        content_type_id, _, object_id = str(self.value() or "").partition(":")
+        if not content_type_id.isdigit() or not object_id:
+            return None
+        return int(content_type_id), object_id
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        parsed = self._parse()
+        if parsed is None:
+            return []  # shown only while it filters
+        try:
+            content_type = ContentType.objects.get_for_id(parsed[0])
+        except ContentType.DoesNotExist:
+            return [(str(self.value()), str(self.value()))]
+        return [(str(self.value()), f"{content_type.name} {parsed[1]}")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() is None:
+            return queryset
+        parsed = self._parse()
+        if parsed is None:
+            return queryset.none()
+        return queryset.filter(content_type_id=parsed[0], object_id=parsed[1])
+
+
+class CreatedFilter(admin.SimpleListFilter):
+    """Filter by creation time: the last hour, day or week, or one hour (``?created=<ISO hour>``)."""
+
+    title = "created"
+    parameter_name = "created"
+    presets = {"1h": ("last hour", 1), "24h": ("last 24 hours", 24), "7d": ("last 7 days", 24 * 7)}
+
+    def _hour(self) -> datetime.datetime | None:
+        value = parse_datetime(str(self.value() or ""))
+        if value is None:
+            return None
+        if timezone.is_naive(value):
+            value = timezone.make_aware(value)
+        return value
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        choices = [(key, label) for key, (label, _hours) in self.presets.items()]
+        hour = self._hour()
+        if hour is not None:
+            choices.append((str(self.value()), f"hour from {_format_time(hour)}"))
+        return choices
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        if value in self.presets:
+            since = timezone.now() - datetime.timedelta(hours=self.presets[value][1])
+            return queryset.filter(created_at__gte=since)
+        hour = self._hour()
+        if hour is None:
+            return queryset.none()
+        return queryset.filter(created_at__gte=hour, created_at__lt=hour + datetime.timedelta(hours=1))
+
+
+class CallActionsMixin(MixinBase):
+    """Retry and cancel, each behind its own permission; used by the list and the call page."""
+
+    def has_retry_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
+        return bool(request.user.has_perm("asyncmodels.retry_methodcall"))
+
+    def has_cancel_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
+        return bool(request.user.has_perm("asyncmodels.cancel_methodcall"))
+
+    def _who(self, request: HttpRequest) -> str:
+        return str(request.user.get_username() or "a staff user")
+
+    def _apply(
+        self, request: HttpRequest, calls: Iterable[MethodCall], verb: str
+    ) -> tuple[list[MethodCall], list[MethodCall]]:
+        done: list[MethodCall] = []
+        refused: list[MethodCall] = []
+        reason = f"{verb.capitalize()} in the admin by {self._who(request)}."
+        for call in calls:
+            acted = call.retry(reason=reason) if verb == "retried" else call.cancel(reason=reason)
+            (done if acted else refused).append(call)
+        return done, refused
+
+    def _report(
+        self, request: HttpRequest, done: Sequence[MethodCall], refused: Sequence[MethodCall], verb: str
+    ) -> None:
+        if done:
+            ids = ", ".join(f"#{call.pk}" for call in done[:20]) + (" …" if len(done) > 20 else "")
+            self.message_user(request, f"{verb.capitalize()} {len(done)} call(s): {ids}.", messages.SUCCESS)
+        for call in refused[:20]:
+            self.message_user(request, self._refusal(call, verb), messages.WARNING)
+        if len(refused) > 20:
+            self.message_user(request, f"… and {len(refused) - 20} more not {verb}.", messages.WARNING)
+
+    @staticmethod
+    def _refusal(call: MethodCall, verb: str) -> str:
+        if verb == "retried":
+            if call.state == CallState.SUCCEEDED:
+                return (
+                    f"Call #{call.pk} was not retried: it succeeded, and a succeeded call is never run "
+                    "again. Make a new call if the work must be done again."
+                )
+            return f"Call #{call.pk} was not retried: it is {call.state}, not failed or cancelled."
+        if call.state == CallState.RUNNING:
+            return (
+                f"Call #{call.pk} was not cancelled: a worker is running it (attempt {call.attempts}); "
+                "only calls that have not started can be cancelled."
+            )
+        return f"Call #{call.pk} was not cancelled: it has already {call.state}."
+
+
+class MethodCallsAdminMixin(MixinBase):
+    """Show an object's method calls, newest first, on its own admin change page.
+
+    Add it in one line: ``class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin)``. The
+    calls appear as a last fieldset ("Method calls") with their state, method, times and first
+    line of error, each linked to its call page, and a link to all of the object's calls in the
+    call list. ``method_calls_limit`` (int, default 10) caps how many are listed. Users without
+    view permission on method calls see nothing of it.
+    """
+
+    method_calls_limit = 10
+    method_calls_field = "asyncmodels_method_calls"
+
+    class Media:
+        css = {"all": (ADMIN_CSS,)}
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> tuple[str, ...]:
+        fields = tuple(super().get_readonly_fields(request, obj))
+        if obj is None or not self._may_view_calls(request):
+            return fields
+        return (*fields, self.method_calls_field)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Model | None = None) -> Any:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is None or not self._may_view_calls(request):
+            return fieldsets
+        # get_fields() (which get_fieldsets() uses when none are declared) already lists every
+        # read-only field, ours included: take it out of the first fieldset, give it its own.
+        cleaned = []
+        for name, options in fieldsets:
+            fields = [field for field in options.get("fields", ()) if field != self.method_calls_field]
+            cleaned.append((name, {**options, "fields": fields}))
+        cleaned.append(
+            ("Method calls", {"fields": [self.method_calls_field], "classes": ["asyncmodels-calls"]})
+        )
+        return cleaned
+
+    def _may_view_calls(self, request: HttpRequest) -> bool:
+        return bool(
+            request.user.has_perm("asyncmodels.view_methodcall")
+            or request.user.has_perm("asyncmodels.change_methodcall")
+        )
+
+    @admin.display(description="calls")
+    def asyncmodels_method_calls(self, obj: Model) -> SafeString | str:
+        calls = list(
+            MethodCall.objects.using(obj._state.db)
+            .for_object(obj)
+            .only(
+                "id",
+                "method",
+                "state",
+                "attempts",
+                "created_at",
+                "finished_at",
+                "error",
+                "queue",
+                "content_type_id",
+                "object_id",
+            )
+            .order_by("-id")[: self.method_calls_limit + 1]
+        )
+        if not calls:
+            return "No calls yet."
+        shown = calls[: self.method_calls_limit]
+        rows = format_html_join(
+            "",
+            '<tr><td><a href="{}">#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    reverse(CHANGE, args=[call.pk]),
+                    call.pk,
+                    call.method,
+                    state_badge(call.state),
+                    call.attempts,
+                    _format_time(call.created_at),
+                    _format_time(call.finished_at),
+                    _first_line(call.error, 80),
+                )
+                for call in shown
+            ),
+        )
+        more = "all calls of this object" if len(calls) > len(shown) else "these calls in the call list"
+        return format_html(
+            '<table class="asyncmodels-calls-table"><thead><tr><th>call</th><th>method</th><th>state</th>'
+            "<th>attempts</th><th>created</th><th>finished</th><th>error</th></tr></thead>"
+            '<tbody>{}</tbody></table><p><a href="{}">{} →</a></p>',
+            rows,
+            calls_url(object=object_filter_value(obj)),
+            more.capitalize(),
+        )
 
 
 @admin.register(MethodCall)
-class MethodCallAdmin(MethodCallAdminBase):
+class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
+    """The call list, the call page, retry and cancel, and the overview page."""
+
     list_display = (
         "id",
-        "state",
+        "state_display",
         "method",
         "target",
         "queue",
         "attempts",
-        "created_at",
-        "started_at",
-        "finished_at",
+        "created",
+        "started",
+        "finished",
+        "duration_display",
         "error_summary",
     )
-    list_filter = ("state", "queue")
-    search_fields = ("=object_id", "method", "error")
+    list_display_links = ("id",)
+    list_filter = ("state", QueueFilter, MethodFilter, ModelFilter, CreatedFilter, ObjectFilter)
+    search_help_text = "An object's primary key (exact), or text in the error message."
+    search_fields = ("object_id", "error")  # matched in get_search_results(), see there
     list_select_related = ("content_type",)
     ordering = ("-id",)
-    date_hierarchy = None
-    fields = (
-        "state",
-        "state_reason",
-        "method",
-        "target",
-        "queue",
-        "attempts",
-        "worker",
-        "created_at",
-        "enqueued_at",
-        "run_after",
-        "started_at",
-        "lease_expires_at",
-        "finished_at",
-        "duration",
-        "policy_json",
-        "args_json",
-        "kwargs_json",
-        "result_json",
-        "result_note",
-        "error_type",
-        "error",
-        "traceback_block",
-        "attempt_history",
+    sortable_by = ("id",)
+    show_full_result_count = False
+    paginator = BoundedCountPaginator
+    list_per_page = 50
+    list_max_show_all = 500
+    actions = ("retry_calls", "cancel_calls")
+    change_form_template = "admin/asyncmodels/methodcall/change_form.html"
+    change_list_template = "admin/asyncmodels/methodcall/change_list.html"
+    fieldsets = (
+        (None, {"fields": ("state_display", "state_reason", "method", "target", "queue", "related_calls")}),
+        (
+            "Timing",
+            {
+                "fields": (
+                    "created_at",
+                    "enqueued_at",
+                    "run_after",
+                    "started_at",
+                    "lease_display",
+                    "finished_at",
+                    "duration_display",
+                )
+            },
+        ),
+        ("Arguments", {"fields": ("args_json", "kwargs_json")}),
+        ("Outcome", {"fields": ("result_json", "result_note", "error_type", "error", "traceback_block")}),
+        ("Attempts", {"fields": ("attempts", "worker", "attempt_history")}),
+        ("Options", {"fields": ("policy_json",), "classes": ("collapse",)}),
     )
-    readonly_fields = fields
+    readonly_fields = tuple(str(field) for _name, options in fieldsets for field in options["fields"])
+
+    class Media:
+        css = {"all": (ADMIN_CSS,)}
+
+    # Read-only: a call's fields change only through its own state machine.
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -79,22 +474,79 @@ class MethodCallAdmin(MethodCallAdminBase):
     def has_delete_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
         return False
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[MethodCall], search_term: str
+    ) -> tuple[QuerySet[MethodCall], bool]:
+        """An exact object id (served by the object index) or error text (a scan: only on search)."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(object_id=term) | Q(error__icontains=term)), False
+
+    # URLs: the overview, and POST-only retry and cancel for one call.
+
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("overview/", wrap(self.overview_view), name="asyncmodels_methodcall_overview"),
+            path("<path:object_id>/retry/", wrap(self.retry_view), name="asyncmodels_methodcall_retry"),
+            path("<path:object_id>/cancel/", wrap(self.cancel_view), name="asyncmodels_methodcall_cancel"),
+            *super().get_urls(),
+        ]
+
+    # List columns.
+
+    @admin.display(description="state", ordering="state")
+    def state_display(self, call: MethodCall) -> SafeString:
+        return state_badge(call.state)
+
     @admin.display(description="object")
-    def target(self, call: MethodCall) -> str:
-        label = f"{call.content_type.app_label}.{call.content_type.model} {call.object_id}"
-        try:
-            url = reverse(
-                f"admin:{call.content_type.app_label}_{call.content_type.model}_change",
-                args=[quote(call.object_id)],
-            )
-        except NoReverseMatch:
-            return label
-        return format_html('<a href="{}">{}</a>', url, label)
+    def target(self, call: MethodCall) -> SafeString | str:
+        return _object_link(self.admin_site, call)
+
+    @admin.display(description="created")
+    def created(self, call: MethodCall) -> str:
+        return _format_time(call.created_at)
+
+    @admin.display(description="started")
+    def started(self, call: MethodCall) -> str:
+        return _format_time(call.started_at)
+
+    @admin.display(description="finished")
+    def finished(self, call: MethodCall) -> str:
+        return _format_time(call.finished_at)
+
+    @admin.display(description="duration")
+    def duration_display(self, call: MethodCall) -> str:
+        duration = call.duration
+        return _format_seconds(duration.total_seconds() if duration is not None else None)
 
     @admin.display(description="error")
     def error_summary(self, call: MethodCall) -> str:
-        first_line = call.error.splitlines()[0] if call.error else ""
-        return first_line[:120]
+        return _first_line(call.error)
+
+    # Call page fields.
+
+    @admin.display(description="calls of this object")
+    def related_calls(self, call: MethodCall) -> SafeString:
+        value = f"{call.content_type_id}:{call.object_id}"
+        same_method = calls_url(object=value, method=call.method)
+        return format_html(
+            '<a href="{}">all calls of this object</a> · <a href="{}">its {} calls</a>',
+            calls_url(object=value),
+            same_method,
+            call.method,
+        )
+
+    @admin.display(description="lease")
+    def lease_display(self, call: MethodCall) -> str:
+        if call.lease_expires_at is None:
+            return "-" if call.state != CallState.RUNNING else "none (taken before leases existed)"
+        left = (call.lease_expires_at - timezone.now()).total_seconds()
+        when = _format_time(call.lease_expires_at)
+        if left >= 0:
+            return f"held by {call.worker or 'a worker'} until {when} ({left:.0f} s left)"
+        return f"expired at {when}, {-left:.0f} s ago: its worker is presumed lost"
 
     @admin.display(description="args")
     def args_json(self, call: MethodCall) -> SafeString:
@@ -108,36 +560,122 @@ class MethodCallAdmin(MethodCallAdminBase):
     def result_json(self, call: MethodCall) -> SafeString:
         return _pretty_json(call.result)
 
-    @admin.display(description="policy")
+    @admin.display(description="options")
     def policy_json(self, call: MethodCall) -> SafeString:
         return _pretty_json(call.policy)
 
-    @admin.display(description="attempts, oldest first")
-    def attempt_history(self, call: MethodCall) -> SafeString | str:
-        if not call.attempt_log:
-            return "-"
-        rows = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    entry.get("attempt"),
-                    entry.get("worker") or "-",
-                    entry.get("started_at") or "-",
-                    "-" if entry.get("duration") is None else f"{entry['duration']:.3f} s",
-                    entry.get("outcome"),
-                    entry.get("error") or "",
-                )
-                for entry in call.attempt_log
-                if isinstance(entry, dict)
-            ),
-        )
-        return format_html(
-            "<table><thead><tr><th>#</th><th>worker</th><th>started</th><th>duration</th><th>outcome</th>"
-            "<th>error</th></tr></thead><tbody>{}</tbody></table>",
-            rows,
-        )
-
     @admin.display(description="traceback")
     def traceback_block(self, call: MethodCall) -> SafeString | str:
-        return format_html("<pre>{}</pre>", call.traceback) if call.traceback else "-"
+        return (
+            format_html('<pre class="asyncmodels-traceback">{}</pre>', call.traceback)
+            if call.traceback
+            else "-"
+        )
+
+    @admin.display(description="history, oldest first")
+    def attempt_history(self, call: MethodCall) -> SafeString | str:
+        rows = [self._attempt_row(entry) for entry in call.attempt_log if isinstance(entry, dict)]
+        if call.state == CallState.RUNNING:
+            rows.append(
+                (
+                    call.attempts,
+                    call.worker or "-",
+                    _format_time(call.started_at),
+                    "-",
+                    "-",
+                    state_badge("running"),
+                    "",
+                )
+            )
+        if not rows:
+            return "No attempt has started yet."
+        body = format_html_join("", "<tr>" + "<td>{}</td>" * 7 + "</tr>", rows)
+        return format_html(
+            '<table class="asyncmodels-attempts"><thead><tr><th>#</th><th>worker</th><th>started</th>'
+            "<th>ended</th><th>duration</th><th>outcome</th><th>error</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
+
+    @staticmethod
+    def _attempt_row(entry: dict[str, Any]) -> tuple[Any, ...]:
+        started = parse_datetime(str(entry.get("started_at") or ""))
+        duration = entry.get("duration")
+        seconds = float(duration) if isinstance(duration, int | float) else None
+        ended = started + datetime.timedelta(seconds=seconds) if started and seconds is not None else None
+        return (
+            entry.get("attempt", "?"),
+            entry.get("worker") or "-",
+            _format_time(started),
+            _format_time(ended),
+            _format_seconds(seconds),
+            state_badge(str(entry.get("outcome") or "unknown")),
+            entry.get("error") or "",
+        )
+
+    # Actions on the list.
+
+    @admin.action(description="Retry selected failed or cancelled calls", permissions=["retry"])
+    def retry_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
+        done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "retried")
+        self._report(request, done, refused, "retried")
+
+    @admin.action(description="Cancel selected calls that have not started", permissions=["cancel"])
+    def cancel_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
+        done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "cancelled")
+        self._report(request, done, refused, "cancelled")
+
+    # Buttons on the call page (POST only; the admin view wrapper checks staff and CSRF).
+
+    def _one_call_action(self, request: HttpRequest, object_id: str, verb: str) -> HttpResponse:
+        allowed = self.has_retry_permission if verb == "retried" else self.has_cancel_permission
+        if not allowed(request):
+            raise PermissionDenied
+        call = self.get_object(request, object_id)
+        if call is None:
+            raise Http404(f"No method call with id {object_id!r}.")
+        done, refused = self._apply(request, [call], verb)
+        self._report(request, done, refused, verb)
+        return HttpResponseRedirect(reverse(CHANGE, args=[quote(call.pk)]))
+
+    def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return require_POST(lambda request: self._one_call_action(request, object_id, "retried"))(request)
+
+    def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return require_POST(lambda request: self._one_call_action(request, object_id, "cancelled"))(request)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        call = self.get_object(request, object_id)
+        context = {
+            **(extra_context or {}),
+            "show_retry": call is not None and call.can_retry and self.has_retry_permission(request, call),
+            "show_cancel": call is not None and call.can_cancel and self.has_cancel_permission(request, call),
+        }
+        return super().change_view(request, object_id, form_url, context)
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        context = {**(extra_context or {}), "overview_url": reverse("admin:asyncmodels_methodcall_overview")}
+        return super().changelist_view(request, context)
+
+    # The overview page.
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        from .overview import build_overview
+
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Method calls: overview",
+            "opts": self.opts,
+            "app_label": self.opts.app_label,
+            "overview": build_overview(self.get_queryset(request).order_by()),
+        }
+        return TemplateResponse(request, "admin/asyncmodels/methodcall/overview.html", context)

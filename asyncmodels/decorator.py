@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, overload
 
-from django.db import models, transaction
+from django.db import models
 from django.db.models.functions import Now
 
 from . import conf, dispatch, registry, serialization
@@ -245,15 +245,7 @@ def make_call(
     if isinstance(run_after, datetime.timedelta):
         call.refresh_from_db(fields=["run_after"])
 
-    def push_committed_call() -> None:
-        # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
-        # with func.__qualname__, and a partial has none (django ticket #36487).
-        if scheduled:
-            dispatch.push_if_due(call)
-        else:
-            dispatch.push(call)
-
-    transaction.on_commit(push_committed_call, using=database, robust=True)
+    dispatch.push_on_commit(call, scheduled=scheduled)
     return call
 
 

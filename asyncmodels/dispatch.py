@@ -131,6 +131,26 @@ def _note_push_failure(call: MethodCall, exc: Exception) -> None:
         logger.exception("Could not record the failed push of call %s.", call.pk)
 
 
+def push_on_commit(call: MethodCall, *, scheduled: bool = False) -> None:
+    """Push ``call`` once the transaction on its database commits (at once outside a transaction).
+
+    Registered with ``transaction.on_commit(..., robust=True)``: a failing push is logged and
+    never breaks the commit; the row stays ``pending`` for recovery. With ``scheduled=True`` the
+    call is pushed only if it is already due (``push_if_due``).
+    """
+    from django.db import transaction
+
+    def push_committed_call() -> None:
+        # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
+        # with func.__qualname__, and a partial has none (django ticket #36487).
+        if scheduled:
+            push_if_due(call)
+        else:
+            push(call)
+
+    transaction.on_commit(push_committed_call, using=call._state.db or "default", robust=True)
+
+
 def push_if_due(call: MethodCall, *, raise_errors: bool = False) -> bool:
     """Push a ``scheduled`` call if its ``run_after`` has come (by the database's clock).
 

@@ -39,6 +39,8 @@ CLAIMABLE_STATES = frozenset({CallState.PENDING, CallState.ENQUEUED})
 CANCELLABLE_STATES = frozenset(
     {CallState.PENDING, CallState.SCHEDULED, CallState.WAITING, CallState.ENQUEUED}
 )
+#: States from which a call may be retried by hand (``MethodCall.retry()``, the admin's action).
+RETRYABLE_STATES = frozenset({CallState.FAILED, CallState.CANCELLED})
 
 
 class MethodCallQuerySet(models.QuerySet["MethodCall"]):
@@ -137,7 +139,9 @@ class MethodCall(models.Model):
         ordering = ("-id",)
         indexes = (
             models.Index(fields=["content_type", "object_id", "method"], name="asyncmodels_call_object"),
-            models.Index(fields=["state", "queue"], name="asyncmodels_call_state"),
+            # The admin's list, newest first, filtered by state or by method.
+            models.Index(fields=["state", "-id"], name="asyncmodels_call_state_id"),
+            models.Index(fields=["method", "-id"], name="asyncmodels_call_method_id"),
             models.Index(fields=["created_at"], name="asyncmodels_call_created"),
             # Partial indexes for recovery: each holds only the few rows in one state, so a pass
             # over a table of millions of finished calls reads a handful of index entries.
@@ -218,16 +222,58 @@ class MethodCall(models.Model):
             self.state = CallState.ENQUEUED
         return won
 
-    def cancel(self) -> bool:
+    @property
+    def can_cancel(self) -> bool:
+        """Whether ``cancel()`` would act on the call as last read: it has not started running."""
+        return self.state in CANCELLABLE_STATES
+
+    @property
+    def can_retry(self) -> bool:
+        """Whether ``retry()`` would act on the call as last read: it ``failed`` or was ``cancelled``."""
+        return self.state in RETRYABLE_STATES
+
+    def cancel(self, *, reason: str = "") -> bool:
         """Cancel the call if it has not started; return ``True`` if this cancelled it.
 
         A compare-and-set from ``pending``, ``scheduled``, ``waiting`` or ``enqueued``: a call
         that a worker has claimed, or that has finished, is left alone and ``False`` is returned.
+        A job already in RQ finds the call cancelled and does nothing. ``reason`` (str) is kept in
+        ``state_reason``. The object is refreshed from the database either way.
         """
         won = self._compare_and_set(
             CANCELLABLE_STATES,
             state=CallState.CANCELLED,
             finished_at=Now(),
+            state_reason=reason[:2000],
         )
         self.refresh_from_db()
+        return won
+
+    def retry(self, *, reason: str = "") -> bool:
+        """Give a ``failed`` or ``cancelled`` call a new attempt; return ``True`` if this did.
+
+        A compare-and-set to ``pending``; the push is registered with ``transaction.on_commit``
+        on the call's database, as for a new call, so a rollback undoes the retry and pushes
+        nothing. A ``succeeded`` call, or one not finished, is left alone and ``False`` is
+        returned (running a succeeded method twice is what this library exists to prevent).
+
+        The retry is one more attempt: ``attempts`` keeps counting, and automatic retries
+        (``retries=``) follow it only while the method's budget of attempts is not used up. The
+        last error stays on the row until the new attempt ends; every earlier attempt stays in
+        ``attempt_log``. ``reason`` (str) is kept in ``state_reason``. The object is refreshed
+        from the database either way.
+        """
+        from . import dispatch
+
+        won = self._compare_and_set(
+            RETRYABLE_STATES,
+            state=CallState.PENDING,
+            finished_at=None,
+            run_after=None,
+            lease_expires_at=None,
+            state_reason=(reason or "Retried by hand.")[:2000],
+        )
+        self.refresh_from_db()
+        if won:
+            dispatch.push_on_commit(self)
         return won

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from django.db import transaction
 
@@ -84,3 +86,80 @@ def test_str_duration_and_job_id(instance: Instance, run_worker: RunWorker) -> N
     call.refresh_from_db()
     assert call.duration is not None and call.duration.total_seconds() >= 0
     assert str(call) == f"cloud.Instance.describe({instance.pk}) #{call.pk} [succeeded]"
+
+
+def test_retry_gives_a_failed_call_one_more_attempt_pushed_on_commit(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    echo = Echo.objects.create()
+    call = echo.flaky.using(retries=0)(failures=1)
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED and call.attempts == 1
+    with transaction.atomic():
+        assert call.retry(reason="operator retried it") is True
+        assert call.state == CallState.PENDING
+        assert call.finished_at is None
+        assert call.state_reason == "operator retried it"
+        assert queued_jobs() == 0  # not before the commit
+    assert queued_jobs() == 1
+    call.refresh_from_db()
+    assert call.state == CallState.ENQUEUED
+    assert call.error  # the last error stays until the new attempt ends
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+    assert call.attempts == 2
+    assert call.return_value == 2
+    assert call.error == "" and call.state_reason == ""
+    assert [entry["outcome"] for entry in call.attempt_log] == ["failed", "succeeded"]
+
+
+def test_retry_of_a_cancelled_call_runs_it(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    assert call.cancel(reason="not now") is True
+    assert call.state_reason == "not now"
+    run_worker()  # the job already in RQ finds the call cancelled and does nothing
+    echo.refresh_from_db()
+    assert echo.hits == 0
+    assert call.retry() is True
+    run_worker()
+    call.refresh_from_db()
+    echo.refresh_from_db()
+    assert (call.state, call.attempts, echo.hits) == (CallState.SUCCEEDED, 1, 1)
+
+
+def test_retry_refuses_succeeded_and_unfinished_calls(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    echo = Echo.objects.create()
+    done = echo.bump()
+    run_worker()
+    assert done.retry() is False
+    assert done.state == CallState.SUCCEEDED
+    with transaction.atomic():
+        waiting = echo.bump()
+        assert waiting.retry() is False
+        assert waiting.state == CallState.PENDING
+    running = echo.bump()
+    MethodCall.objects.filter(pk=running.pk).update(state=CallState.RUNNING)
+    assert running.retry() is False
+    assert running.state == CallState.RUNNING
+    run_worker()
+    echo.refresh_from_db()
+    assert echo.hits == 2  # done and waiting ran once each; nothing ran twice
+
+
+def test_retry_rolled_back_leaves_the_call_failed_and_pushes_nothing(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    call = Echo.objects.create().fail("boom")
+    run_worker()
+    call.refresh_from_db()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert call.retry() is True
+        raise RuntimeError("the caller's transaction fails")
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert queued_jobs() == 0

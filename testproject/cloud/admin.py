@@ -1,8 +1,20 @@
 from django.contrib import admin
 
+from asyncmodels.admin import MethodCallsAdminMixin
+
 from .models import Account, Instance, Region, Volume
 
-admin.site.register(Account)
-admin.site.register(Instance)
+
+@admin.register(Account)
+class AccountAdmin(MethodCallsAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "name")
+
+
+@admin.register(Instance)
+class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "name", "account", "size", "status")
+    list_filter = ("status",)
+
+
 admin.site.register(Volume)
 admin.site.register(Region)
