@@ -26,7 +26,7 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy asyncmodels testproject tests
+	$(BIN)/mypy asyncmodels testproject tests bench
 	$(MANAGE) makemigrations --check --dry-run
 	$(MANAGE) check
 

@@ -33,6 +33,7 @@ from django.utils.dateparse import parse_datetime
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.text import capfirst
 from django.views.decorators.http import require_POST
 
 from . import conf, registry
@@ -67,7 +68,20 @@ def _pretty_json(value: Any) -> SafeString:
 def _format_time(value: datetime.datetime | None) -> str:
     if value is None:
         return "-"
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _short_time(value: datetime.datetime | None) -> SafeString | str:
+    """A list cell: month-day and time, the full timestamp on hover."""
+    if value is None:
+        return "-"
+    local = timezone.localtime(value)
+    return format_html(
+        '<time datetime="{}" title="{}">{}</time>',
+        value.isoformat(),
+        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        local.strftime("%m-%d %H:%M:%S"),
+    )
 
 
 def _format_seconds(seconds: float | None) -> str:
@@ -103,7 +117,7 @@ def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | 
     model = content_type.model_class()
     if model is None:
         return f"{content_type.app_label}.{content_type.model} {call.object_id}"
-    label = f"{model._meta.verbose_name} {call.object_id}"
+    label = f"{capfirst(model._meta.verbose_name)} {call.object_id}"
     if not admin_site.is_registered(model):
         return label
     try:
@@ -126,7 +140,7 @@ class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
     ``show_full_result_count = False``, carried over to the filtered count too.
     """
 
-    limit = 10_000
+    limit = 1_000
 
     @cached_property
     def count(self) -> int:
@@ -179,7 +193,7 @@ class ModelFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         models = {entry.model for entry in registry.all_methods()}
         return sorted(
-            ((model._meta.label_lower, str(model._meta.verbose_name)) for model in models),
+            ((model._meta.label_lower, str(capfirst(model._meta.verbose_name))) for model in models),
             key=lambda choice: choice[0],
         )
 
@@ -208,14 +222,16 @@ class ObjectFilter(admin.SimpleListFilter):
         return int(content_type_id), object_id
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        if self.value() is None:
+            return []  # shown only while it filters
         parsed = self._parse()
         if parsed is None:
-            return []  # shown only while it filters
+            return [(str(self.value()), str(self.value()))]
         try:
             content_type = ContentType.objects.get_for_id(parsed[0])
         except ContentType.DoesNotExist:
             return [(str(self.value()), str(self.value()))]
-        return [(str(self.value()), f"{content_type.name} {parsed[1]}")]
+        return [(str(self.value()), f"{capfirst(content_type.name)} {parsed[1]}")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value() is None:
@@ -282,6 +298,8 @@ class CallActionsMixin(MixinBase):
         for call in calls:
             acted = call.retry(reason=reason) if verb == "retried" else call.cancel(reason=reason)
             (done if acted else refused).append(call)
+            if acted:  # the admin's own history of the call ("History" on its page)
+                self.log_change(request, call, reason)
         return done, refused
 
     def _report(
@@ -431,6 +449,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     ordering = ("-id",)
     sortable_by = ("id",)
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts are a COUNT per filter choice per page view
     paginator = BoundedCountPaginator
     list_per_page = 50
     list_max_show_all = 500
@@ -443,12 +462,12 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             "Timing",
             {
                 "fields": (
-                    "created_at",
-                    "enqueued_at",
-                    "run_after",
-                    "started_at",
+                    "created_time",
+                    "enqueued_time",
+                    "run_after_time",
+                    "started_time",
                     "lease_display",
-                    "finished_at",
+                    "finished_time",
                     "duration_display",
                 )
             },
@@ -481,7 +500,9 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         term = search_term.strip()
         if not term:
             return queryset, False
-        return queryset.filter(Q(object_id=term) | Q(error__icontains=term)), False
+        # ~Q(error="") matches the partial index asyncmodels_call_has_error, so the text search
+        # scans only calls that have an error, not the whole table.
+        return queryset.filter(Q(object_id=term) | (~Q(error="") & Q(error__icontains=term))), False
 
     # URLs: the overview, and POST-only retry and cancel for one call.
 
@@ -505,16 +526,16 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         return _object_link(self.admin_site, call)
 
     @admin.display(description="created")
-    def created(self, call: MethodCall) -> str:
-        return _format_time(call.created_at)
+    def created(self, call: MethodCall) -> SafeString | str:
+        return _short_time(call.created_at)
 
     @admin.display(description="started")
-    def started(self, call: MethodCall) -> str:
-        return _format_time(call.started_at)
+    def started(self, call: MethodCall) -> SafeString | str:
+        return _short_time(call.started_at)
 
     @admin.display(description="finished")
-    def finished(self, call: MethodCall) -> str:
-        return _format_time(call.finished_at)
+    def finished(self, call: MethodCall) -> SafeString | str:
+        return _short_time(call.finished_at)
 
     @admin.display(description="duration")
     def duration_display(self, call: MethodCall) -> str:
@@ -537,6 +558,33 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             same_method,
             call.method,
         )
+
+    @admin.display(description="created")
+    def created_time(self, call: MethodCall) -> str:
+        return _format_time(call.created_at)
+
+    @admin.display(description="enqueued")
+    def enqueued_time(self, call: MethodCall) -> str:
+        return _format_time(call.enqueued_at)
+
+    @admin.display(description="run after")
+    def run_after_time(self, call: MethodCall) -> str:
+        if call.run_after is None:
+            return "-"
+        due = "due" if call.run_after <= timezone.now() else "not due yet"
+        return (
+            f"{_format_time(call.run_after)} ({due})"
+            if call.state == CallState.SCHEDULED
+            else _format_time(call.run_after)
+        )
+
+    @admin.display(description="started (last attempt)")
+    def started_time(self, call: MethodCall) -> str:
+        return _format_time(call.started_at)
+
+    @admin.display(description="finished")
+    def finished_time(self, call: MethodCall) -> str:
+        return _format_time(call.finished_at)
 
     @admin.display(description="lease")
     def lease_display(self, call: MethodCall) -> str:

@@ -138,7 +138,10 @@ class MethodCall(models.Model):
         verbose_name_plural = _("method calls")
         ordering = ("-id",)
         indexes = (
-            models.Index(fields=["content_type", "object_id", "method"], name="asyncmodels_call_object"),
+            # An object's calls (for_object, the admin's object filter and its search by object id).
+            models.Index(fields=["object_id", "content_type", "method"], name="asyncmodels_call_object_id"),
+            # The admin's error-text search reads only calls that have an error, newest first.
+            models.Index(fields=["-id"], condition=~models.Q(error=""), name="asyncmodels_call_has_error"),
             # The admin's list, newest first, filtered by state or by method.
             models.Index(fields=["state", "-id"], name="asyncmodels_call_state_id"),
             models.Index(fields=["method", "-id"], name="asyncmodels_call_method_id"),

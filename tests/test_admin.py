@@ -1,11 +1,22 @@
-"""The first admin: a read-only list and detail page of every call."""
+"""The admin with Django's test client: list, call page, permissions, actions, per-object calls,
+overview, escaping and query counts. (The same flows in a real browser: test_admin_browser.py.)"""
 
 from __future__ import annotations
 
-import pytest
-from django.contrib.auth.models import Permission, User
-from django.test import Client
+import datetime
+import re
+from collections.abc import Callable
 
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from asyncmodels.admin import BoundedCountPaginator, MethodCallsAdminMixin
+from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance, Region
 
 from .conftest import RunWorker
@@ -13,78 +24,505 @@ from .conftest import RunWorker
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LIST_URL = "/admin/asyncmodels/methodcall/"
+OVERVIEW_URL = f"{LIST_URL}overview/"
 
 
-@pytest.fixture
-def staff_client() -> Client:
-    user = User.objects.create_superuser("admin", "admin@example.com", "pw")
-    client = Client()
+def _call_url(call: MethodCall, action: str = "change") -> str:
+    return f"{LIST_URL}{call.pk}/{action}/"
+
+
+def _client_for(user: User, *, enforce_csrf_checks: bool = False) -> Client:
+    client = Client(enforce_csrf_checks=enforce_csrf_checks)
     client.force_login(user)
     return client
 
 
-def test_list_shows_state_method_object_and_filters_by_state(
-    staff_client: Client, run_worker: RunWorker
+def _staff(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return User.objects.get(pk=user.pk)  # a fresh object: no cached permissions
+
+
+@pytest.fixture
+def staff_client() -> Client:
+    return _client_for(User.objects.create_superuser("admin", "admin@example.com", "pw"))
+
+
+@pytest.fixture
+def instance() -> Instance:
+    return Instance.objects.create(account=Account.objects.create(name="acme"), name="web1")
+
+
+def _row_ids(page: str) -> list[int]:
+    return [
+        int(pk)
+        for pk in re.findall(r'<th class="field-id"><a href="/admin/asyncmodels/methodcall/(\d+)/', page)
+    ]
+
+
+# The list.
+
+
+def test_list_shows_badges_object_links_and_first_error_line_newest_first(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
 ) -> None:
-    instance = Instance.objects.create(account=Account.objects.create(name="acme"), name="web1")
-    instance.provision(size="large")
+    ok = instance.provision(size="large")
     failed = instance.resize("huge")
+    multi_line = Echo.objects.create().fail("first line\nsecond line")
     run_worker()
     page = staff_client.get(LIST_URL).content.decode()
-    assert "cloud.Instance.provision" in page
-    assert "succeeded" in page and "failed" in page
-    assert f'href="/admin/cloud/instance/{instance.pk}/change/"' in page
-    assert "size &#x27;huge&#x27; is not offered" in page
-    filtered = staff_client.get(LIST_URL, {"state__exact": "failed"}).content.decode()
-    assert f"/admin/asyncmodels/methodcall/{failed.pk}/change/" in filtered
-    assert "cloud.Instance.provision" not in filtered
-
-
-def test_detail_shows_arguments_result_error_and_traceback_escaped(
-    staff_client: Client, run_worker: RunWorker
-) -> None:
-    call = Echo.objects.create().fail("<script>alert(1)</script>")
-    run_worker()
-    page = staff_client.get(f"{LIST_URL}{call.pk}/change/").content.decode()
-    assert "<script>alert(1)</script>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<pre>Traceback (most recent call last)" in page
-    assert "builtins.ValueError" in page
+    assert _row_ids(page) == [multi_line.pk, failed.pk, ok.pk]
+    assert '<span class="asyncmodels-state asyncmodels-state-succeeded">succeeded</span>' in page
+    assert page.count("asyncmodels-state-failed") >= 2
+    assert f'<a href="/admin/cloud/instance/{instance.pk}/change/">Instance {instance.pk}</a>' in page
+    assert "size &#x27;huge&#x27; is not offered in this region" in page
+    assert "first line" in page and "second line" not in page
+    assert "Echo " in page  # Echo has no admin page: its label is not a link
+    assert 'href="/admin/cloud/echo/' not in page
+    assert "3 method calls" in page
 
 
 def test_object_link_quotes_string_primary_keys(staff_client: Client) -> None:
-    region = Region.objects.create(code="eu_west/1")
-    region.ping()
+    Region.objects.create(code="eu_west/1").ping()
     page = staff_client.get(LIST_URL).content.decode()
     assert 'href="/admin/cloud/region/eu_5Fwest_2F1/change/"' in page
+
+
+def test_filters_by_state_queue_method_model_created_and_object(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    provision = instance.provision(size="large")  # provisioning queue
+    resize = instance.resize("huge")  # fails
+    urgent = instance.describe.using(queue="urgent")()
+    other = Instance.objects.create(account=instance.account, name="web2").describe()
+    invoice = instance.account.send_invoice("2026-11")
+    run_worker()
+    MethodCall.objects.filter(pk=invoice.pk).update(created_at=timezone.now() - datetime.timedelta(days=3))
+
+    def ids(**params: str) -> set[int]:
+        response = staff_client.get(LIST_URL, params)
+        assert response.status_code == 200, params
+        return set(_row_ids(response.content.decode()))
+
+    assert ids(state__exact="failed") == {resize.pk}
+    assert ids(queue="provisioning") == {provision.pk, resize.pk}
+    assert ids(queue="urgent") == {urgent.pk}
+    assert ids(method="cloud.Instance.describe") == {urgent.pk, other.pk}
+    assert ids(model="cloud.account") == {invoice.pk}
+    assert ids(model="cloud.instance", state__exact="succeeded") == {provision.pk, urgent.pk, other.pk}
+    assert ids(created="24h") == {provision.pk, resize.pk, urgent.pk, other.pk}
+    assert ids(created="7d") == {provision.pk, resize.pk, urgent.pk, other.pk, invoice.pk}
+    hour = timezone.localtime(provision.created_at).strftime("%Y-%m-%dT%H:00")
+    assert provision.pk in ids(created=hour)
+    assert ids(object=f"{provision.content_type_id}:{instance.pk}") == {provision.pk, resize.pk, urgent.pk}
+    assert ids(object="nonsense") == set()
+    assert ids(created="not-a-time") == set()
+    assert ids(model="cloud.nosuchmodel") == set()
+
+
+def test_filter_choices_come_from_settings_and_the_registry_without_queries(staff_client: Client) -> None:
+    page = staff_client.get(LIST_URL).content.decode()
+    for choice in (
+        "?method=cloud.Instance.provision",
+        "?model=cloud.instance",
+        "?queue=urgent",
+        "?created=24h",
+    ):
+        assert choice in page
+    assert "Show counts" not in page  # facets would COUNT every choice on every view
+
+
+def test_search_matches_an_exact_object_id_or_error_text(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    other = Instance.objects.create(pk=instance.pk * 10 + 1, account=instance.account, name="web2")
+    mine = instance.describe()
+    theirs = other.describe()
+    failed = Echo.objects.create(pk=999).fail("disk quota exceeded on vol-7")
+    run_worker()
+
+    def ids(term: str) -> set[int]:
+        return set(_row_ids(staff_client.get(LIST_URL, {"q": term}).content.decode()))
+
+    assert ids(str(instance.pk)) == {mine.pk}  # exact: not the object whose id merely contains it
+    assert ids(str(other.pk)) == {theirs.pk}
+    assert ids("QUOTA exceeded") == {failed.pk}
+    assert ids("nothing like it") == set()
+
+
+def test_list_queries_do_not_grow_with_rows_and_never_count_the_whole_table(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    def list_queries() -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            assert staff_client.get(LIST_URL, {"state__exact": "succeeded"}).status_code == 200
+        return [query["sql"] for query in captured.captured_queries]
+
+    instance.describe()
+    run_worker()
+    few = list_queries()
+    for index in range(30):
+        Instance.objects.create(account=instance.account, name=f"web-{index}").describe()
+        Echo.objects.create().bump()
+    run_worker()
+    many = list_queries()
+    assert len(many) == len(few), many
+    counts = [sql for sql in many if "COUNT(" in sql.upper()]
+    assert counts, "the list shows how many calls match"
+    assert all("LIMIT" in sql.upper() for sql in counts), counts  # bounded, never the whole table
+    assert len(many) <= 6, many  # session, user, bounded count, rows (with their content types)
+
+
+def test_bounded_count_says_more_than_its_limit(
+    staff_client: Client, monkeypatch: pytest.MonkeyPatch, run_worker: RunWorker
+) -> None:
+    echo = Echo.objects.create()
+    for _ in range(5):
+        echo.bump()
+    monkeypatch.setattr(BoundedCountPaginator, "limit", 3)
+    page = staff_client.get(LIST_URL).content.decode()
+    assert "more than 3 method calls" in page
+    assert len(_row_ids(page)) == 5  # all rows still listed (one page)
+    exact = staff_client.get(LIST_URL, {"q": "no such error"}).content.decode()
+    assert "0 method calls" in exact
+
+
+# The call page.
+
+
+def test_call_page_shows_everything_escaped(staff_client: Client, run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    script = "<script>alert(1)</script>"
+    call = echo.fail(script)
+    shown = echo.echo(script, key=script)
+    run_worker()
+    page = staff_client.get(_call_url(call)).content.decode()
+    assert script not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<pre class="asyncmodels-traceback">Traceback (most recent call last)' in page
+    assert "builtins.ValueError" in page
+    echoed = staff_client.get(_call_url(shown)).content.decode()
+    assert script not in echoed
+    assert "&quot;key&quot;: &quot;&lt;script&gt;alert(1)&lt;/script&gt;&quot;" in echoed  # kwargs, result
+
+
+def test_call_page_shows_attempts_lease_timing_and_links_to_the_object_and_its_calls(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    call = Echo.objects.create().flaky.using(retry_backoff=60, retry_backoff_max=60)(failures=5)
+    run_worker()
+    page = staff_client.get(_call_url(call)).content.decode()
+    assert "History, oldest first" in page
+    assert "run 1 of a flaky dependency failed" in page
+    assert "attempt 2 of 3 is due in" in page
+    assert "(not due yet)" in page
+    assert "&quot;retries&quot;: 2" in page
+
+    running = instance.describe()
+    lease = timezone.now() + datetime.timedelta(seconds=50)
+    MethodCall.objects.filter(pk=running.pk).update(
+        state=CallState.RUNNING,
+        worker="host-1.4242",
+        attempts=1,
+        started_at=timezone.now(),
+        lease_expires_at=lease,
+    )
+    page = staff_client.get(_call_url(running)).content.decode()
+    assert "held by host-1.4242 until" in page
+    assert f'href="/admin/cloud/instance/{instance.pk}/change/"' in page
+    object_filter = f"object={running.content_type_id}%3A{instance.pk}"
+    assert f'href="/admin/asyncmodels/methodcall/?{object_filter}"' in page
+    assert f"?{object_filter}&amp;method=cloud.Instance.describe" in page
+    MethodCall.objects.filter(pk=running.pk).update(
+        lease_expires_at=timezone.now() - datetime.timedelta(seconds=5)
+    )
+    page = staff_client.get(_call_url(running)).content.decode()
+    assert "its worker is presumed lost" in page
 
 
 def test_calls_are_read_only(staff_client: Client) -> None:
     call = Echo.objects.create().bump()
     assert staff_client.get(f"{LIST_URL}add/").status_code == 403
-    response = staff_client.post(f"{LIST_URL}{call.pk}/change/", {"state": "succeeded"})
+    response = staff_client.post(_call_url(call), {"state": "succeeded"})
     assert response.status_code == 403
-    assert staff_client.post(f"{LIST_URL}{call.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert staff_client.post(_call_url(call, "delete"), {"post": "yes"}).status_code == 403
     call.refresh_from_db()
     assert call.state != "succeeded"
 
 
 def test_staff_without_view_permission_gets_403() -> None:
-    user = User.objects.create_user("clerk", password="pw", is_staff=True)
-    client = Client()
-    client.force_login(user)
+    clerk = _staff("clerk")
+    client = _client_for(clerk)
     assert client.get(LIST_URL).status_code == 403
-    user.user_permissions.add(Permission.objects.get(codename="view_methodcall"))
+    assert client.get(OVERVIEW_URL).status_code == 403
+    clerk.user_permissions.add(Permission.objects.get(codename="view_methodcall"))
+    client = _client_for(User.objects.get(pk=clerk.pk))
     assert client.get(LIST_URL).status_code == 200
+    assert client.get(OVERVIEW_URL).status_code == 200
 
 
-def test_detail_shows_every_attempt_and_the_reason_of_a_scheduled_retry(
+# Retry and cancel: buttons and list actions.
+
+
+def test_retry_button_needs_the_retry_permission_and_a_post(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    call = Echo.objects.create().flaky.using(retries=0)(failures=1)
+    run_worker()
+    viewer = _client_for(_staff("viewer", "view_methodcall"))
+    page = viewer.get(_call_url(call)).content.decode()
+    assert 'id="asyncmodels-retry"' not in page
+    assert viewer.post(_call_url(call, "retry")).status_code == 403
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+
+    retrier = _client_for(_staff("retrier", "view_methodcall", "retry_methodcall"))
+    page = retrier.get(_call_url(call)).content.decode()
+    assert 'id="asyncmodels-retry"' in page
+    assert 'id="asyncmodels-cancel"' not in page  # a failed call cannot be cancelled
+    assert retrier.get(_call_url(call, "retry")).status_code == 405  # POST only
+    response = retrier.post(_call_url(call, "retry"), follow=True)
+    assert f"Retried 1 call(s): #{call.pk}." in response.content.decode()
+    call.refresh_from_db()
+    assert call.state == CallState.ENQUEUED
+    entry = LogEntry.objects.get(object_id=str(call.pk))
+    assert entry.get_change_message() == "Retried in the admin by retrier."
+    assert entry.user.get_username() == "retrier"
+    assert "Retried in the admin by retrier." in retrier.get(_call_url(call, "history")).content.decode()
+    assert queued_jobs() == 1
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.attempts) == (CallState.SUCCEEDED, 2)
+
+
+def test_actions_are_csrf_protected(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().fail("nope")
+    run_worker()
+    client = _client_for(
+        User.objects.create_superuser("admin", "a@example.com", "pw"), enforce_csrf_checks=True
+    )
+    assert client.post(_call_url(call, "retry")).status_code == 403
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    client.get(_call_url(call))  # sets the CSRF cookie, as the page's form would
+    token = client.cookies["csrftoken"].value
+    assert client.post(_call_url(call, "retry"), {"csrfmiddlewaretoken": token}).status_code == 302
+    call.refresh_from_db()
+    assert call.state in {CallState.PENDING, CallState.ENQUEUED}
+
+
+def test_retry_of_a_succeeded_call_is_refused_with_a_message(
     staff_client: Client, run_worker: RunWorker
 ) -> None:
-    call = Echo.objects.create().flaky.using(retry_backoff=60, retry_backoff_max=60)(failures=5)
+    echo = Echo.objects.create()
+    call = echo.bump()
     run_worker()
-    page = staff_client.get(f"{LIST_URL}{call.pk}/change/").content.decode()
-    assert "Attempts, oldest first" in page
-    assert "run 1 of a flaky dependency failed" in page
-    assert "attempt 2 of 3 is due in" in page
-    assert "&quot;retries&quot;: 2" in page
+    assert 'id="asyncmodels-retry"' not in staff_client.get(_call_url(call)).content.decode()
+    page = staff_client.post(_call_url(call, "retry"), follow=True).content.decode()
+    assert "was not retried: it succeeded, and a succeeded call is never run again" in page
+    call.refresh_from_db()
+    echo.refresh_from_db()
+    assert (call.state, call.attempts, echo.hits) == (CallState.SUCCEEDED, 1, 1)
+
+
+def test_cancel_button_cancels_a_call_not_started_and_refuses_a_running_one(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    echo = Echo.objects.create()
+    call = echo.bump()
+    assert queued_jobs() == 1
+    canceller = _client_for(_staff("canceller", "view_methodcall", "cancel_methodcall"))
+    page = canceller.get(_call_url(call)).content.decode()
+    assert 'id="asyncmodels-cancel"' in page and 'id="asyncmodels-retry"' not in page
+    response = canceller.post(_call_url(call, "cancel"), follow=True)
+    assert f"Cancelled 1 call(s): #{call.pk}." in response.content.decode()
+    run_worker()
+    call.refresh_from_db()
+    echo.refresh_from_db()
+    assert (call.state, echo.hits) == (CallState.CANCELLED, 0)
+    assert call.state_reason == "Cancelled in the admin by canceller."
+
+    running = echo.bump()
+    MethodCall.objects.filter(pk=running.pk).update(state=CallState.RUNNING, attempts=1)
+    assert 'id="asyncmodels-cancel"' not in canceller.get(_call_url(running)).content.decode()
+    page = canceller.post(_call_url(running, "cancel"), follow=True).content.decode()
+    assert "was not cancelled: a worker is running it" in page
+    running.refresh_from_db()
+    assert running.state == CallState.RUNNING
+
+    viewer = _client_for(_staff("viewer", "view_methodcall"))
+    waiting = echo.bump()
+    assert viewer.post(_call_url(waiting, "cancel")).status_code == 403
+    waiting.refresh_from_db()
+    assert waiting.state == CallState.ENQUEUED
+
+
+def test_retry_action_on_the_list_retries_only_failed_and_cancelled(
+    staff_client: Client, run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    echo = Echo.objects.create()
+    failed = echo.fail("nope")
+    succeeded = echo.bump()
+    cancelled = echo.bump()
+    cancelled.cancel()
+    run_worker()
+    selected = [str(call.pk) for call in (failed, succeeded, cancelled)]
+    page = staff_client.post(
+        LIST_URL, {"action": "retry_calls", "_selected_action": selected}, follow=True
+    ).content.decode()
+    assert re.search(r"Retried 2 call\(s\): #\d+, #\d+\.", page)
+    assert f"Call #{succeeded.pk} was not retried: it succeeded" in page
+    assert queued_jobs() == 2
+    run_worker()
+    states = dict(MethodCall.objects.values_list("pk", "state"))
+    assert states == {
+        failed.pk: CallState.FAILED,
+        succeeded.pk: CallState.SUCCEEDED,
+        cancelled.pk: CallState.SUCCEEDED,
+    }
+    echo.refresh_from_db()
+    assert echo.hits == 2  # the succeeded call did not run again; the cancelled one ran once
+
+
+def test_list_actions_need_their_permissions(run_worker: RunWorker, queued_jobs: Callable[..., int]) -> None:
+    echo = Echo.objects.create()
+    failed = echo.fail("nope")
+    run_worker()
+    waiting = echo.bump()
+    viewer = _client_for(_staff("viewer", "view_methodcall"))
+    page = viewer.get(LIST_URL).content.decode()
+    assert 'name="action"' not in page
+    viewer.post(LIST_URL, {"action": "retry_calls", "_selected_action": [str(failed.pk)]})
+    viewer.post(LIST_URL, {"action": "cancel_calls", "_selected_action": [str(waiting.pk)]})
+    failed.refresh_from_db()
+    waiting.refresh_from_db()
+    assert (failed.state, waiting.state) == (CallState.FAILED, CallState.ENQUEUED)
+
+    canceller = _client_for(_staff("canceller", "view_methodcall", "cancel_methodcall"))
+    page = canceller.get(LIST_URL).content.decode()
+    assert 'value="cancel_calls"' in page and 'value="retry_calls"' not in page
+    canceller.post(
+        LIST_URL, {"action": "cancel_calls", "_selected_action": [str(waiting.pk), str(failed.pk)]}
+    )
+    failed.refresh_from_db()
+    waiting.refresh_from_db()
+    assert (failed.state, waiting.state) == (CallState.FAILED, CallState.CANCELLED)
+
+
+# Per object: MethodCallsAdminMixin on the demo's Instance and Account admins.
+
+
+def test_object_page_lists_its_calls_newest_first_with_a_link_to_all(
+    staff_client: Client, instance: Instance, run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = instance.provision(size="large")
+    second = instance.resize("huge")
+    elsewhere = Instance.objects.create(account=instance.account, name="web2").describe()
+    run_worker()
+    third = instance.describe()
+    page = staff_client.get(f"/admin/cloud/instance/{instance.pk}/change/").content.decode()
+    shown = [int(pk) for pk in re.findall(r'<a href="/admin/asyncmodels/methodcall/(\d+)/change/">#', page)]
+    assert shown == [third.pk, second.pk, first.pk]
+    assert elsewhere.pk not in shown
+    assert "asyncmodels-state-failed" in page and "asyncmodels-state-enqueued" in page
+    assert "These calls in the call list" in page
+
+    monkeypatch.setattr(MethodCallsAdminMixin, "method_calls_limit", 2)
+    page = staff_client.get(f"/admin/cloud/instance/{instance.pk}/change/").content.decode()
+    shown = [int(pk) for pk in re.findall(r'<a href="/admin/asyncmodels/methodcall/(\d+)/change/">#', page)]
+    assert shown == [third.pk, second.pk]
+    link = re.search(
+        r'<a href="(/admin/asyncmodels/methodcall/\?object=[^"]+)">All calls of this object', page
+    )
+    assert link is not None
+    listed = staff_client.get(link.group(1).replace("&amp;", "&")).content.decode()
+    assert set(_row_ids(listed)) == {first.pk, second.pk, third.pk}
+
+    account_page = staff_client.get(f"/admin/cloud/account/{instance.account.pk}/change/").content.decode()
+    assert "Method calls" in account_page and "No calls yet." in account_page
+
+
+def test_object_page_still_saves_and_hides_calls_from_users_who_may_not_view_them(instance: Instance) -> None:
+    instance.describe()
+    editor = _staff("editor", "view_instance", "change_instance")
+    client = _client_for(editor)
+    page = client.get(f"/admin/cloud/instance/{instance.pk}/change/").content.decode()
+    assert "asyncmodels-calls-table" not in page
+    response = client.post(
+        f"/admin/cloud/instance/{instance.pk}/change/",
+        {"account": instance.account.pk, "name": "renamed", "size": "small", "status": "new"},
+    )
+    assert response.status_code == 302
+    instance.refresh_from_db()
+    assert instance.name == "renamed"
+    superuser = _client_for(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    response = superuser.post(
+        f"/admin/cloud/instance/{instance.pk}/change/",
+        {"account": instance.account.pk, "name": "again", "size": "small", "status": "new"},
+    )
+    assert response.status_code == 302
+    instance.refresh_from_db()
+    assert instance.name == "again"
+
+
+# The overview.
+
+
+def test_overview_counts_states_per_queue_and_links_each_figure(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    instance.provision(size="large")
+    instance.resize("huge")
+    echo = Echo.objects.create()
+    echo.bump()
+    run_worker()
+    echo.bump()  # enqueued
+    stuck = echo.bump()
+    MethodCall.objects.filter(pk=stuck.pk).update(
+        state=CallState.RUNNING,
+        attempts=1,
+        started_at=timezone.now() - datetime.timedelta(minutes=5),
+        lease_expires_at=timezone.now() - datetime.timedelta(minutes=1),
+    )
+    page = staff_client.get(OVERVIEW_URL).content.decode()
+    default_row = re.search(r"<tr><th>default</th>(.*?)</tr>", page, re.S)
+    provisioning_row = re.search(r"<tr><th>provisioning</th>(.*?)</tr>", page, re.S)
+    assert default_row is not None and provisioning_row is not None
+    figures = re.findall(r">(\d+)</a>", default_row.group(1))
+    # pending scheduled waiting enqueued running succeeded failed cancelled
+    assert figures == ["0", "0", "0", "1", "1", "1", "0", "0"]
+    assert re.findall(r">(\d+)</a>", provisioning_row.group(1)) == ["0", "0", "0", "0", "0", "1", "1", "0"]
+    assert (
+        'href="/admin/asyncmodels/methodcall/?state__exact=failed&amp;queue=provisioning&amp;created=24h"'
+        in page
+    )
+    assert f"#{stuck.pk} cloud.Echo.bump</a> on an unknown worker" in page
+    assert re.search(r"lease expired.*?>1</a>", page, re.S)
+    # The chart: server-rendered SVG, bars linked to the list, nothing loaded from elsewhere.
+    chart = page.index('<div class="asyncmodels-chart">')
+    svg = page[page.index("<svg", chart) : page.index("</svg>", chart)]
+    assert svg.count('xlink:href="/admin/asyncmodels/methodcall/?created=') >= 24
+    assert "<script" not in svg
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", page)
+
+
+def test_overview_queries_do_not_grow_with_rows(staff_client: Client, run_worker: RunWorker) -> None:
+    def overview_queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert staff_client.get(OVERVIEW_URL).status_code == 200
+        return len(captured.captured_queries)
+
+    echo = Echo.objects.create()
+    echo.bump()
+    run_worker()
+    few = overview_queries()
+    for _ in range(20):
+        echo.bump()
+        echo.fail("nope")
+    run_worker()
+    assert overview_queries() == few
+
+
+def test_app_index_and_list_link_to_the_overview(staff_client: Client) -> None:
+    assert f'href="{OVERVIEW_URL}"' in staff_client.get("/admin/asyncmodels/").content.decode()
+    assert f'href="{OVERVIEW_URL}"' in staff_client.get(LIST_URL).content.decode()

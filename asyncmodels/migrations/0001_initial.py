@@ -6,43 +6,111 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('contenttypes', '0002_remove_content_type_name'),
+        ("contenttypes", "0002_remove_content_type_name"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='MethodCall',
+            name="MethodCall",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('object_id', models.CharField(help_text="The object's primary key, as text.", max_length=255)),
-                ('method', models.CharField(help_text='Registry name of the decorated method.', max_length=255)),
-                ('queue', models.CharField(help_text='RQ queue the call is pushed to.', max_length=100)),
-                ('state', models.CharField(choices=[('pending', 'pending'), ('scheduled', 'scheduled'), ('waiting', 'waiting'), ('enqueued', 'enqueued'), ('running', 'running'), ('succeeded', 'succeeded'), ('failed', 'failed'), ('cancelled', 'cancelled')], default='pending', max_length=20)),
-                ('args', models.JSONField(blank=True, default=list, help_text='Positional arguments, typed JSON.')),
-                ('kwargs', models.JSONField(blank=True, default=dict, help_text='Keyword arguments, typed JSON.')),
-                ('result', models.JSONField(blank=True, help_text="The method's return value, typed JSON.", null=True)),
-                ('result_note', models.TextField(blank=True, help_text='Why the result could not be stored, if so.')),
-                ('error_type', models.CharField(blank=True, help_text='Exception class, dotted path.', max_length=255)),
-                ('error', models.TextField(blank=True, help_text='The error message, or why the call could not run.')),
-                ('traceback', models.TextField(blank=True)),
-                ('attempts', models.PositiveIntegerField(default=0, help_text='Attempts started so far.')),
-                ('worker', models.CharField(blank=True, help_text='Name of the worker that ran it.', max_length=255)),
-                ('created_at', models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
-                ('enqueued_at', models.DateTimeField(blank=True, null=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('content_type', models.ForeignKey(help_text='The model of the object.', on_delete=django.db.models.deletion.PROTECT, related_name='+', to='contenttypes.contenttype')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "object_id",
+                    models.CharField(help_text="The object's primary key, as text.", max_length=255),
+                ),
+                (
+                    "method",
+                    models.CharField(help_text="Registry name of the decorated method.", max_length=255),
+                ),
+                ("queue", models.CharField(help_text="RQ queue the call is pushed to.", max_length=100)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("scheduled", "scheduled"),
+                            ("waiting", "waiting"),
+                            ("enqueued", "enqueued"),
+                            ("running", "running"),
+                            ("succeeded", "succeeded"),
+                            ("failed", "failed"),
+                            ("cancelled", "cancelled"),
+                        ],
+                        default="pending",
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "args",
+                    models.JSONField(blank=True, default=list, help_text="Positional arguments, typed JSON."),
+                ),
+                (
+                    "kwargs",
+                    models.JSONField(blank=True, default=dict, help_text="Keyword arguments, typed JSON."),
+                ),
+                (
+                    "result",
+                    models.JSONField(
+                        blank=True, help_text="The method's return value, typed JSON.", null=True
+                    ),
+                ),
+                (
+                    "result_note",
+                    models.TextField(blank=True, help_text="Why the result could not be stored, if so."),
+                ),
+                (
+                    "error_type",
+                    models.CharField(blank=True, help_text="Exception class, dotted path.", max_length=255),
+                ),
+                (
+                    "error",
+                    models.TextField(
+                        blank=True, help_text="The error message, or why the call could not run."
+                    ),
+                ),
+                ("traceback", models.TextField(blank=True)),
+                ("attempts", models.PositiveIntegerField(default=0, help_text="Attempts started so far.")),
+                (
+                    "worker",
+                    models.CharField(blank=True, help_text="Name of the worker that ran it.", max_length=255),
+                ),
+                ("created_at", models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
+                ("enqueued_at", models.DateTimeField(blank=True, null=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "content_type",
+                    models.ForeignKey(
+                        help_text="The model of the object.",
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="contenttypes.contenttype",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'method call',
-                'verbose_name_plural': 'method calls',
-                'ordering': ('-id',),
-                'permissions': (('retry_methodcall', 'Can retry method calls'), ('cancel_methodcall', 'Can cancel method calls')),
-                'indexes': [models.Index(fields=['content_type', 'object_id', 'method'], name='asyncmodels_call_object'), models.Index(fields=['state', 'queue'], name='asyncmodels_call_state'), models.Index(fields=['created_at'], name='asyncmodels_call_created')],
+                "verbose_name": "method call",
+                "verbose_name_plural": "method calls",
+                "ordering": ("-id",),
+                "permissions": (
+                    ("retry_methodcall", "Can retry method calls"),
+                    ("cancel_methodcall", "Can cancel method calls"),
+                ),
+                "indexes": [
+                    models.Index(
+                        fields=["content_type", "object_id", "method"], name="asyncmodels_call_object"
+                    ),
+                    models.Index(fields=["state", "queue"], name="asyncmodels_call_state"),
+                    models.Index(fields=["created_at"], name="asyncmodels_call_created"),
+                ],
             },
         ),
     ]

@@ -4,52 +4,75 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('asyncmodels', '0001_initial'),
-        ('contenttypes', '0002_remove_content_type_name'),
+        ("asyncmodels", "0001_initial"),
+        ("contenttypes", "0002_remove_content_type_name"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='methodcall',
-            name='attempt_log',
-            field=models.JSONField(blank=True, default=list, help_text='One entry per finished attempt: worker, start, duration, outcome.'),
+            model_name="methodcall",
+            name="attempt_log",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="One entry per finished attempt: worker, start, duration, outcome.",
+            ),
         ),
         migrations.AddField(
-            model_name='methodcall',
-            name='lease_expires_at',
-            field=models.DateTimeField(blank=True, help_text='A running call whose lease expired has lost its worker.', null=True),
+            model_name="methodcall",
+            name="lease_expires_at",
+            field=models.DateTimeField(
+                blank=True, help_text="A running call whose lease expired has lost its worker.", null=True
+            ),
         ),
         migrations.AddField(
-            model_name='methodcall',
-            name='policy',
-            field=models.JSONField(blank=True, default=dict, help_text="This call's retry and timeout options (seconds)."),
+            model_name="methodcall",
+            name="policy",
+            field=models.JSONField(
+                blank=True, default=dict, help_text="This call's retry and timeout options (seconds)."
+            ),
         ),
         migrations.AddField(
-            model_name='methodcall',
-            name='run_after',
-            field=models.DateTimeField(blank=True, help_text='When a scheduled call becomes due.', null=True),
+            model_name="methodcall",
+            name="run_after",
+            field=models.DateTimeField(blank=True, help_text="When a scheduled call becomes due.", null=True),
         ),
         migrations.AddField(
-            model_name='methodcall',
-            name='state_reason',
-            field=models.TextField(blank=True, help_text='Why the call is in its state: a failed push, a retry, a lost worker.'),
+            model_name="methodcall",
+            name="state_reason",
+            field=models.TextField(
+                blank=True, help_text="Why the call is in its state: a failed push, a retry, a lost worker."
+            ),
         ),
         migrations.AddIndex(
-            model_name='methodcall',
-            index=models.Index(condition=models.Q(('state', 'pending')), fields=['created_at'], name='asyncmodels_call_pending'),
+            model_name="methodcall",
+            index=models.Index(
+                condition=models.Q(("state", "pending")),
+                fields=["created_at"],
+                name="asyncmodels_call_pending",
+            ),
         ),
         migrations.AddIndex(
-            model_name='methodcall',
-            index=models.Index(condition=models.Q(('state', 'enqueued')), fields=['enqueued_at'], name='asyncmodels_call_enqueued'),
+            model_name="methodcall",
+            index=models.Index(
+                condition=models.Q(("state", "enqueued")),
+                fields=["enqueued_at"],
+                name="asyncmodels_call_enqueued",
+            ),
         ),
         migrations.AddIndex(
-            model_name='methodcall',
-            index=models.Index(condition=models.Q(('state', 'scheduled')), fields=['run_after'], name='asyncmodels_call_due'),
+            model_name="methodcall",
+            index=models.Index(
+                condition=models.Q(("state", "scheduled")), fields=["run_after"], name="asyncmodels_call_due"
+            ),
         ),
         migrations.AddIndex(
-            model_name='methodcall',
-            index=models.Index(condition=models.Q(('state', 'running')), fields=['lease_expires_at'], name='asyncmodels_call_lease'),
+            model_name="methodcall",
+            index=models.Index(
+                condition=models.Q(("state", "running")),
+                fields=["lease_expires_at"],
+                name="asyncmodels_call_lease",
+            ),
         ),
     ]
