@@ -72,15 +72,16 @@ def _format_time(value: datetime.datetime | None) -> str:
 
 
 def _short_time(value: datetime.datetime | None) -> SafeString | str:
-    """A list cell: month-day and time, the full timestamp on hover."""
+    """A list cell: the time for today, else the day and minute; the full timestamp on hover."""
     if value is None:
         return "-"
     local = timezone.localtime(value)
+    today = local.date() == timezone.localdate()
     return format_html(
         '<time datetime="{}" title="{}">{}</time>',
         value.isoformat(),
         local.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        local.strftime("%m-%d %H:%M:%S"),
+        local.strftime("%H:%M:%S" if today else "%b %d %H:%M"),
     )
 
 
@@ -433,13 +434,13 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         "state_display",
         "method",
         "target",
+        "error_summary",  # before the times: on a narrow screen, what went wrong stays in view
         "queue",
         "attempts",
         "created",
         "started",
         "finished",
         "duration_display",
-        "error_summary",
     )
     list_display_links = ("id",)
     list_filter = ("state", QueueFilter, MethodFilter, ModelFilter, CreatedFilter, ObjectFilter)
