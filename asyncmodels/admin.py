@@ -24,8 +24,9 @@ from django.contrib.admin.utils import quote
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
@@ -49,6 +50,8 @@ else:  # ModelAdmin is generic only in django-stubs
     MixinBase = object
 
 CHANGELIST = "admin:asyncmodels_methodcall_changelist"
+#: The query parameter that picks the database whose calls the admin shows (default: ``default``).
+DATABASE_PARAM = "db"
 CHANGE = "admin:asyncmodels_methodcall_change"
 ADMIN_CSS = "asyncmodels/admin.css"
 
@@ -100,10 +103,29 @@ def _first_line(text: str, limit: int = 120) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def calls_url(**filters: str) -> str:
-    """The call list's URL with ``filters`` (the list's own query parameters) applied."""
+def calls_url(database: str = DEFAULT_DB_ALIAS, **filters: str) -> str:
+    """The call list's URL with ``filters`` (the list's own query parameters) applied.
+
+    Calls on another database than ``default`` are listed with ``?db=<alias>``.
+    """
+    if database != DEFAULT_DB_ALIAS:
+        filters = {DATABASE_PARAM: database, **filters}
     url = reverse(CHANGELIST)
     return f"{url}?{urlencode(filters)}" if filters else url
+
+
+def call_url(call: MethodCall) -> str:
+    """The call page of ``call``, on the database it was read from."""
+    url = reverse(CHANGE, args=[quote(call.pk)])
+    database = call._state.db or DEFAULT_DB_ALIAS
+    return url if database == DEFAULT_DB_ALIAS else f"{url}?{urlencode({DATABASE_PARAM: database})}"
+
+
+def call_databases() -> list[str]:
+    """The database aliases that may hold calls (those the routers let asyncmodels migrate on)."""
+    from .recovery import recovery_databases
+
+    return recovery_databases()
 
 
 def object_filter_value(obj: Model) -> str:
@@ -119,6 +141,9 @@ def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | 
     if model is None:
         return f"{content_type.app_label}.{content_type.model} {call.object_id}"
     label = f"{capfirst(model._meta.verbose_name)} {call.object_id}"
+    database = call._state.db or DEFAULT_DB_ALIAS
+    if database != DEFAULT_DB_ALIAS:
+        return f"{label} (on {database})"  # a ModelAdmin page would show the default database's row
     if not admin_site.is_registered(model):
         return label
     try:
@@ -151,6 +176,32 @@ class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
     def is_bounded(self) -> bool:
         """Whether there are more rows than ``limit`` (so ``count`` is not exact)."""
         return self.count > self.limit
+
+
+class DatabaseFilter(admin.SimpleListFilter):
+    """Which database's calls to list (``?db=<alias>``); shown only when there are several.
+
+    The choice itself is applied in ``MethodCallAdmin.get_queryset()``, so that the call page,
+    the actions and the overview read the same database as the list.
+    """
+
+    title = "database"
+    parameter_name = DATABASE_PARAM
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        aliases = call_databases()
+        return [(alias, alias) for alias in aliases] if len(aliases) > 1 or self.value() else []
+
+    def choices(self, changelist: Any) -> Any:
+        for choice in super().choices(changelist):
+            if choice["display"] == "All":  # "all" is not a database: the default is one of them
+                continue
+            if self.value() is None and choice["display"] == DEFAULT_DB_ALIAS:
+                choice["selected"] = True
+            yield choice
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset
 
 
 class QueueFilter(admin.SimpleListFilter):
@@ -228,8 +279,9 @@ class ObjectFilter(admin.SimpleListFilter):
         parsed = self._parse()
         if parsed is None:
             return [(str(self.value()), str(self.value()))]
-        try:
-            content_type = ContentType.objects.get_for_id(parsed[0])
+        database = model_admin.database_for(request) if hasattr(model_admin, "database_for") else None
+        try:  # content type ids differ between databases: look it up where the calls are
+            content_type = ContentType.objects.db_manager(database).get_for_id(parsed[0])
         except ContentType.DoesNotExist:
             return [(str(self.value()), str(self.value()))]
         return [(str(self.value()), f"{capfirst(content_type.name)} {parsed[1]}")]
@@ -306,29 +358,34 @@ class CallActionsMixin(MixinBase):
     def _report(
         self, request: HttpRequest, done: Sequence[MethodCall], refused: Sequence[MethodCall], verb: str
     ) -> None:
+        """One message for what was done, and one per reason for what was not."""
         if done:
-            ids = ", ".join(f"#{call.pk}" for call in done[:20]) + (" …" if len(done) > 20 else "")
-            self.message_user(request, f"{verb.capitalize()} {len(done)} call(s): {ids}.", messages.SUCCESS)
-        for call in refused[:20]:
-            self.message_user(request, self._refusal(call, verb), messages.WARNING)
-        if len(refused) > 20:
-            self.message_user(request, f"… and {len(refused) - 20} more not {verb}.", messages.WARNING)
+            what = f"call #{done[0].pk}" if len(done) == 1 else f"{len(done)} calls: {_id_list(done)}"
+            self.message_user(request, f"{verb.capitalize()} {what}.", messages.SUCCESS)
+        by_state: dict[str, list[MethodCall]] = {}
+        for call in refused:
+            by_state.setdefault(call.state, []).append(call)
+        for state, calls in by_state.items():
+            self.message_user(request, self._refusal(calls, state, verb), messages.WARNING)
 
     @staticmethod
-    def _refusal(call: MethodCall, verb: str) -> str:
+    def _refusal(calls: Sequence[MethodCall], state: str, verb: str) -> str:
+        which = f"Call #{calls[0].pk} was" if len(calls) == 1 else f"Calls {_id_list(calls)} were"
         if verb == "retried":
-            if call.state == CallState.SUCCEEDED:
+            if state == CallState.SUCCEEDED:
                 return (
-                    f"Call #{call.pk} was not retried: it succeeded, and a succeeded call is never run "
-                    "again. Make a new call if the work must be done again."
+                    f"{which} not retried: succeeded calls are never run again. Make a new call if "
+                    "the work must be done again."
                 )
-            return f"Call #{call.pk} was not retried: it is {call.state}, not failed or cancelled."
-        if call.state == CallState.RUNNING:
-            return (
-                f"Call #{call.pk} was not cancelled: a worker is running it (attempt {call.attempts}); "
-                "only calls that have not started can be cancelled."
-            )
-        return f"Call #{call.pk} was not cancelled: it has already {call.state}."
+            return f"{which} not retried: {state}, not failed or cancelled."
+        if state == CallState.RUNNING:
+            return f"{which} not cancelled: a worker is running it; only calls not started can be cancelled."
+        return f"{which} not cancelled: already {state}."
+
+
+def _id_list(calls: Sequence[MethodCall], limit: int = 20) -> str:
+    ids = ", ".join(f"#{call.pk}" for call in calls[:limit])
+    return ids + (f" and {len(calls) - limit} more" if len(calls) > limit else "")
 
 
 class MethodCallsAdminMixin(MixinBase):
@@ -402,7 +459,7 @@ class MethodCallsAdminMixin(MixinBase):
             "<td>{}</td><td>{}</td></tr>",
             (
                 (
-                    reverse(CHANGE, args=[call.pk]),
+                    call_url(call),
                     call.pk,
                     call.method,
                     state_badge(call.state),
@@ -420,7 +477,7 @@ class MethodCallsAdminMixin(MixinBase):
             "<th>attempts</th><th>created</th><th>finished</th><th>error</th></tr></thead>"
             '<tbody>{}</tbody></table><p><a href="{}">{} →</a></p>',
             rows,
-            calls_url(object=object_filter_value(obj)),
+            calls_url(obj._state.db or DEFAULT_DB_ALIAS, object=object_filter_value(obj)),
             more.capitalize(),
         )
 
@@ -443,7 +500,15 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         "duration_display",
     )
     list_display_links = ("id",)
-    list_filter = ("state", QueueFilter, MethodFilter, ModelFilter, CreatedFilter, ObjectFilter)
+    list_filter = (
+        "state",
+        QueueFilter,
+        MethodFilter,
+        ModelFilter,
+        CreatedFilter,
+        ObjectFilter,
+        DatabaseFilter,
+    )
     search_help_text = "An object's primary key (exact), or text in the error message."
     search_fields = ("object_id", "error")  # matched in get_search_results(), see there
     list_select_related = ("content_type",)
@@ -469,7 +534,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
                     "started_time",
                     "lease_display",
                     "finished_time",
-                    "duration_display",
+                    "duration_detail",
                 )
             },
         ),
@@ -493,6 +558,24 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     def has_delete_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
         return False
+
+    def database_for(self, request: HttpRequest) -> str:
+        """The database alias this request looks at: ``?db=``, also inside preserved list filters.
+
+        Raises ``Http404`` for an alias that holds no calls (not in ``DATABASES``, or the routers
+        keep asyncmodels off it).
+        """
+        alias = request.GET.get(DATABASE_PARAM)
+        if alias is None:
+            alias = QueryDict(request.GET.get("_changelist_filters", "")).get(DATABASE_PARAM)
+        if alias is None:
+            return DEFAULT_DB_ALIAS
+        if alias not in call_databases():
+            raise Http404(f"No database {alias!r} holds method calls.")
+        return alias
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[MethodCall]:
+        return super().get_queryset(request).using(self.database_for(request))
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[MethodCall], search_term: str
@@ -552,10 +635,11 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     @admin.display(description="calls of this object")
     def related_calls(self, call: MethodCall) -> SafeString:
         value = f"{call.content_type_id}:{call.object_id}"
-        same_method = calls_url(object=value, method=call.method)
+        database = call._state.db or DEFAULT_DB_ALIAS
+        same_method = calls_url(database, object=value, method=call.method)
         return format_html(
             '<a href="{}">all calls of this object</a> · <a href="{}">its {} calls</a>',
-            calls_url(object=value),
+            calls_url(database, object=value),
             same_method,
             call.method,
         )
@@ -586,6 +670,10 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     @admin.display(description="finished")
     def finished_time(self, call: MethodCall) -> str:
         return _format_time(call.finished_at)
+
+    @admin.display(description="duration (last attempt, started to finished)")
+    def duration_detail(self, call: MethodCall) -> str:
+        return self.duration_display(call)
 
     @admin.display(description="lease")
     def lease_display(self, call: MethodCall) -> str:
@@ -641,7 +729,8 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         body = format_html_join("", "<tr>" + "<td>{}</td>" * 7 + "</tr>", rows)
         return format_html(
             '<table class="asyncmodels-attempts"><thead><tr><th>#</th><th>worker</th><th>started</th>'
-            "<th>ended</th><th>duration</th><th>outcome</th><th>error</th></tr></thead><tbody>{}</tbody></table>",
+            "<th>ended</th><th>run time</th><th>outcome</th><th>error</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
             body,
         )
 
@@ -684,7 +773,16 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             raise Http404(f"No method call with id {object_id!r}.")
         done, refused = self._apply(request, [call], verb)
         self._report(request, done, refused, verb)
-        return HttpResponseRedirect(reverse(CHANGE, args=[quote(call.pk)]))
+        # Back to the call page, keeping its database and the list's filters.
+        return HttpResponseRedirect(reverse(CHANGE, args=[quote(call.pk)]) + self._page_query(request))
+
+    @staticmethod
+    def _page_query(request: HttpRequest) -> str:
+        kept = QueryDict(mutable=True)
+        for key in (DATABASE_PARAM, "_changelist_filters"):
+            if key in request.GET:
+                kept[key] = request.GET[key]
+        return f"?{kept.urlencode()}" if kept else ""
 
     def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         return require_POST(lambda request: self._one_call_action(request, object_id, "retried"))(request)
@@ -704,13 +802,18 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             **(extra_context or {}),
             "show_retry": call is not None and call.can_retry and self.has_retry_permission(request, call),
             "show_cancel": call is not None and call.can_cancel and self.has_cancel_permission(request, call),
+            "action_query": self._page_query(request),
         }
         return super().change_view(request, object_id, form_url, context)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        context = {**(extra_context or {}), "overview_url": reverse("admin:asyncmodels_methodcall_overview")}
+        overview_url = reverse("admin:asyncmodels_methodcall_overview")
+        database = self.database_for(request)
+        if database != DEFAULT_DB_ALIAS:
+            overview_url += f"?{urlencode({DATABASE_PARAM: database})}"
+        context = {**(extra_context or {}), "overview_url": overview_url}
         return super().changelist_view(request, context)
 
     # The overview page.
@@ -720,9 +823,15 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             raise PermissionDenied
         from .overview import build_overview
 
+        database = self.database_for(request)
+        databases = call_databases()
         context = {
             **self.admin_site.each_context(request),
-            "title": "Method calls: overview",
+            "title": "Method calls: overview" + (f" (database {database})" if len(databases) > 1 else ""),
+            "database": database,
+            "other_databases": [
+                (alias, f"?{urlencode({DATABASE_PARAM: alias})}") for alias in databases if alias != database
+            ],
             "opts": self.opts,
             "app_label": self.opts.app_label,
             "overview": build_overview(self.get_queryset(request).order_by()),

@@ -118,10 +118,11 @@ def _fail_for_unknown_queue(call: MethodCall) -> None:
 
 def _note_push_failure(call: MethodCall, exc: Exception) -> None:
     """Say on the row why it is still pending; never raise (Redis is down, the database may be too)."""
-    from .models import CallState, MethodCall
+    from .models import PUSH_FAILURE_PREFIX, CallState, MethodCall
 
     reason = (
-        f"The push to queue {call.queue!r} failed ({type(exc).__name__}: {exc}); recovery will push it again."
+        f"{PUSH_FAILURE_PREFIX} {call.queue!r} failed ({type(exc).__name__}: {exc}); "
+        "recovery will push it again."
     )
     try:
         MethodCall.objects.using(call._state.db).filter(pk=call.pk, state=CallState.PENDING).update(

@@ -39,6 +39,8 @@ CLAIMABLE_STATES = frozenset({CallState.PENDING, CallState.ENQUEUED})
 CANCELLABLE_STATES = frozenset(
     {CallState.PENDING, CallState.SCHEDULED, CallState.WAITING, CallState.ENQUEUED}
 )
+#: How ``state_reason`` starts when a push failed (dispatch); a successful push clears it.
+PUSH_FAILURE_PREFIX = "The push to queue"
 #: States from which a call may be retried by hand (``MethodCall.retry()``, the admin's action).
 RETRYABLE_STATES = frozenset({CallState.FAILED, CallState.CANCELLED})
 
@@ -219,7 +221,15 @@ class MethodCall(models.Model):
     def mark_enqueued(self) -> bool:
         """``pending`` → ``enqueued`` after a successful push; return whether this process won."""
         won = self._compare_and_set(
-            frozenset({CallState.PENDING}), state=CallState.ENQUEUED, enqueued_at=Now(), state_reason=""
+            frozenset({CallState.PENDING}),
+            state=CallState.ENQUEUED,
+            enqueued_at=Now(),
+            # A failed push's reason is obsolete now; another (a retry by hand) still holds.
+            state_reason=models.Case(
+                models.When(state_reason__startswith=PUSH_FAILURE_PREFIX, then=models.Value("")),
+                default=models.F("state_reason"),
+                output_field=models.TextField(),
+            ),
         )
         if won:
             self.state = CallState.ENQUEUED

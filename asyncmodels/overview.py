@@ -56,11 +56,15 @@ class Overview:
     hours: list[tuple[datetime.datetime, Cell, Cell]] = field(default_factory=list)
     chart_svg: str = ""
 
+    @property
+    def hours_newest_first(self) -> list[tuple[datetime.datetime, Cell, Cell]]:
+        return self.hours[::-1]
 
-def _list_url(**filters: str) -> str:
+
+def _list_url(database: str, **filters: str) -> str:
     from .admin import calls_url
 
-    return calls_url(**filters)
+    return calls_url(database, **filters)
 
 
 def _hour_key(moment: datetime.datetime) -> str:
@@ -69,6 +73,7 @@ def _hour_key(moment: datetime.datetime) -> str:
 
 def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
     """Read the overview's figures from ``queryset`` (the admin's, so its database and scoping)."""
+    database = queryset.db
     now = timezone.now()
     since = (now - WINDOW).replace(minute=0, second=0, microsecond=0) + datetime.timedelta(hours=1)
     counts: dict[tuple[str, str], int] = {}
@@ -96,7 +101,7 @@ def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
             filters["queue"] = queue
         if state in finished:
             filters["created"] = "24h"
-        return Cell(count, _list_url(**filters))
+        return Cell(count, _list_url(database, **filters))
 
     queues = sorted({queue for queue, _state in counts})
     rows = [
@@ -114,13 +119,13 @@ def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
         longest_running=queryset.filter(state=CallState.RUNNING).order_by("started_at").first(),
         expired_leases=Cell(
             queryset.filter(state=CallState.RUNNING, lease_expires_at__lt=now).count(),
-            _list_url(state__exact=CallState.RUNNING),
+            _list_url(database, state__exact=CallState.RUNNING),
         ),
         overdue=Cell(
             queryset.filter(
                 state=CallState.SCHEDULED, run_after__lt=now - datetime.timedelta(minutes=1)
             ).count(),
-            _list_url(state__exact=CallState.SCHEDULED),
+            _list_url(database, state__exact=CallState.SCHEDULED),
         ),
     )
     overview.hours = _hourly(queryset, since)
@@ -149,8 +154,8 @@ def _hourly(
         hours.append(
             (
                 start,
-                Cell(calls, _list_url(created=key)),
-                Cell(failures, _list_url(created=key, state__exact=CallState.FAILED)),
+                Cell(calls, _list_url(queryset.db, created=key)),
+                Cell(failures, _list_url(queryset.db, created=key, state__exact=CallState.FAILED)),
             )
         )
     return hours
@@ -172,9 +177,14 @@ def render_chart(hours: list[tuple[datetime.datetime, Cell, Cell]]) -> str:
     ``js=[]`` turns that off, so the page loads nothing from the internet, and an XML filter
     drops the inline config script pygal writes for that tooltip script: the chart is plain SVG.
     """
+    # Text and guide lines take the admin's own colours (CSS variables), so the chart stays
+    # readable in the admin's dark theme too.
     style = Style(
         background="transparent",
         plot_background="transparent",
+        foreground="var(--body-fg, #333)",
+        foreground_strong="var(--body-fg, #333)",
+        foreground_subtle="var(--body-quiet-color, #888)",
         colors=("#417690", "#ba2121"),
         font_family="system-ui, sans-serif",
         label_font_size=11,
@@ -194,6 +204,7 @@ def render_chart(hours: list[tuple[datetime.datetime, Cell, Cell]]) -> str:
         print_values=False,
         title=None,
         margin=10,
+        margin_top=20,
     )
     chart.x_labels = [timezone.localtime(start).strftime("%H:00") for start, _calls, _failed in hours]
 
