@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote
+from django.contrib.admin.views.main import ChangeList
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -38,6 +40,7 @@ from django.utils.text import capfirst
 from django.views.decorators.http import require_POST
 
 from . import conf, registry
+from .exceptions import UnknownQueueError
 from .models import CallState, MethodCall
 
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ else:  # ModelAdmin is generic only in django-stubs
     MixinBase = object
 
 CHANGELIST = "admin:asyncmodels_methodcall_changelist"
+#: Longer durations are shown in seconds rather than as a timedelta (which would overflow).
+MAX_SHOWN_SECONDS = 1e9
 #: The query parameter that picks the database whose calls the admin shows (default: ``default``).
 DATABASE_PARAM = "db"
 CHANGE = "admin:asyncmodels_methodcall_change"
@@ -61,24 +66,36 @@ def state_badge(state: str) -> SafeString:
     return format_html('<span class="asyncmodels-state asyncmodels-state-{}">{}</span>', state, state)
 
 
+def displayable(text: str) -> str:
+    """``text`` as a page can send it: lone surrogates (only forged or legacy rows hold them,
+    the encoder refuses them) become backslash escapes instead of failing the response."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _pretty_json(value: Any) -> SafeString:
     return format_html(
         '<pre class="asyncmodels-json">{}</pre>',
-        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False),
+        displayable(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)),
     )
 
 
 def _format_time(value: datetime.datetime | None) -> str:
     if value is None:
         return "-"
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+    except (OverflowError, ValueError):  # near datetime's limits, in a zone east of UTC
+        return value.isoformat()
 
 
 def _short_time(value: datetime.datetime | None) -> SafeString | str:
     """A list cell: the time for today, else the day and minute; the full timestamp on hover."""
     if value is None:
         return "-"
-    local = timezone.localtime(value)
+    try:
+        local = timezone.localtime(value)
+    except (OverflowError, ValueError):
+        return value.isoformat()
     today = local.date() == timezone.localdate()
     return format_html(
         '<time datetime="{}" title="{}">{}</time>',
@@ -89,8 +106,10 @@ def _short_time(value: datetime.datetime | None) -> SafeString | str:
 
 
 def _format_seconds(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "-"
+    if seconds >= MAX_SHOWN_SECONDS:
+        return f"{seconds:.3g} s"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
@@ -99,6 +118,7 @@ def _format_seconds(seconds: float | None) -> str:
 
 
 def _first_line(text: str, limit: int = 120) -> str:
+    text = displayable(text)
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -154,6 +174,33 @@ def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | 
     except NoReverseMatch:
         return label
     return format_html('<a href="{}">{}</a>', url, label)
+
+
+_TEXT_FIELDS = ("method", "queue", "object_id", "state", "error", "error_type", "traceback", "state_reason",
+                "result_note", "worker")  # fmt: skip
+
+
+def _displayable_call(call: MethodCall) -> MethodCall:
+    """Make every text field of ``call`` (as shown, never saved) safe to send; see ``displayable``."""
+    for name in _TEXT_FIELDS:
+        value = getattr(call, name)
+        if isinstance(value, str):
+            setattr(call, name, displayable(value))
+    return call
+
+
+class MethodCallChangeList(ChangeList):
+    """The call list: sorts only by ``sortable_by`` (``?o=`` can't ask for an unindexed full sort),
+    and shows every text escaped for sending (``displayable``)."""
+
+    def get_ordering_field(self, field_name: Any) -> Any:
+        if self.sortable_by is not None and field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        self.result_list = [_displayable_call(call) for call in self.result_list]
 
 
 class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
@@ -269,7 +316,9 @@ class ObjectFilter(admin.SimpleListFilter):
 
     def _parse(self) -> tuple[int, str] | None:
         content_type_id, _, object_id = str(self.value() or "").partition(":")
-        if not content_type_id.isdigit() or not object_id:
+        if not (content_type_id.isascii() and content_type_id.isdigit()) or not 0 < len(object_id) <= 255:
+            return None
+        if int(content_type_id) > 2**31 - 1:  # no database holds such an id (or could bind it)
             return None
         return int(content_type_id), object_id
 
@@ -303,11 +352,16 @@ class CreatedFilter(admin.SimpleListFilter):
     presets = {"1h": ("last hour", 1), "24h": ("last 24 hours", 24), "7d": ("last 7 days", 24 * 7)}
 
     def _hour(self) -> datetime.datetime | None:
-        value = parse_datetime(str(self.value() or ""))
-        if value is None:
+        """The hour named by the value, or ``None`` when it names none (nonsense never fails)."""
+        try:
+            value = parse_datetime(str(self.value() or ""))
+            if value is None or not 1 < value.year < 9999:
+                return None
+            if timezone.is_naive(value):
+                value = timezone.make_aware(value)
+            value.astimezone(datetime.UTC)  # a UTC offset beyond the calendar's ends raises here
+        except (ValueError, OverflowError):
             return None
-        if timezone.is_naive(value):
-            value = timezone.make_aware(value)
         return value
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
@@ -349,7 +403,11 @@ class CallActionsMixin(MixinBase):
         refused: list[MethodCall] = []
         reason = f"{verb.capitalize()} in the admin by {self._who(request)}."
         for call in calls:
-            acted = call.retry(reason=reason) if verb == "retried" else call.cancel(reason=reason)
+            try:
+                acted = call.retry(reason=reason) if verb == "retried" else call.cancel(reason=reason)
+            except UnknownQueueError as exc:  # its queue left RQ_QUEUES: a retry could only fail again
+                self.message_user(request, f"Call #{call.pk} was not retried: {exc}", messages.WARNING)
+                continue
             (done if acted else refused).append(call)
             if acted:  # the admin's own history of the call ("History" on its page)
                 self.log_change(request, call, reason)
@@ -574,6 +632,15 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             raise Http404(f"No database {alias!r} holds method calls.")
         return alias
 
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return MethodCallChangeList
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> MethodCall | None:
+        call = super().get_object(request, object_id, from_field)
+        return _displayable_call(call) if call is not None else None
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[MethodCall]:
         return super().get_queryset(request).using(self.database_for(request))
 
@@ -711,7 +778,8 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @admin.display(description="history, oldest first")
     def attempt_history(self, call: MethodCall) -> SafeString | str:
-        rows = [self._attempt_row(entry) for entry in call.attempt_log if isinstance(entry, dict)]
+        log = call.attempt_log if isinstance(call.attempt_log, list) else []
+        rows = [self._attempt_row(entry) for entry in log if isinstance(entry, dict)]
         if call.state == CallState.RUNNING:
             rows.append(
                 (
@@ -736,37 +804,66 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @staticmethod
     def _attempt_row(entry: dict[str, Any]) -> tuple[Any, ...]:
-        started = parse_datetime(str(entry.get("started_at") or ""))
+        """One row of the attempt table; a forged or damaged entry shows what it can, never fails."""
+        try:
+            started = parse_datetime(str(entry.get("started_at") or ""))
+        except ValueError:
+            started = None
+        if started is not None and timezone.is_naive(started):
+            started = None
         duration = entry.get("duration")
-        seconds = float(duration) if isinstance(duration, int | float) else None
-        ended = started + datetime.timedelta(seconds=seconds) if started and seconds is not None else None
+        seconds = None
+        if isinstance(duration, int | float) and not isinstance(duration, bool):
+            if 0 <= duration < MAX_SHOWN_SECONDS:  # also false for NaN, and for ints past float's range
+                seconds = float(duration)
+        try:
+            ended = started + datetime.timedelta(seconds=seconds) if started and seconds is not None else None
+        except OverflowError:
+            ended = None
         return (
-            entry.get("attempt", "?"),
-            entry.get("worker") or "-",
+            displayable(str(entry.get("attempt", "?"))),
+            displayable(str(entry.get("worker") or "-")),
             _format_time(started),
             _format_time(ended),
             _format_seconds(seconds),
-            state_badge(str(entry.get("outcome") or "unknown")),
-            entry.get("error") or "",
+            state_badge(displayable(str(entry.get("outcome") or "unknown"))),
+            displayable(str(entry.get("error") or "")),
         )
 
     # Actions on the list.
 
     @admin.action(description="Retry selected failed or cancelled calls", permissions=["retry"])
     def retry_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
+        if self._too_many(request, queryset, "retried"):
+            return
         done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "retried")
         self._report(request, done, refused, "retried")
 
     @admin.action(description="Cancel selected calls that have not started", permissions=["cancel"])
     def cancel_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
+        if self._too_many(request, queryset, "cancelled"):
+            return
         done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "cancelled")
         self._report(request, done, refused, "cancelled")
+
+    def _too_many(self, request: HttpRequest, queryset: QuerySet[MethodCall], verb: str) -> bool:
+        """Refuse "select all" over more calls than the list counts: the page could not say how many."""
+        limit = BoundedCountPaginator.limit
+        if queryset[: limit + 1].count() <= limit:
+            return False
+        self.message_user(
+            request,
+            f"Nothing was {verb}: the selection holds more than {limit} calls. Narrow the filters "
+            f"(state, method, time) to at most {limit}, or use MethodCall.retry()/cancel() in code.",
+            messages.ERROR,
+        )
+        return True
 
     # Buttons on the call page (POST only; the admin view wrapper checks staff and CSRF).
 
     def _one_call_action(self, request: HttpRequest, object_id: str, verb: str) -> HttpResponse:
         allowed = self.has_retry_permission if verb == "retried" else self.has_cancel_permission
-        if not allowed(request):
+        if not (allowed(request) and self.has_view_permission(request)):  # the list actions need both too
             raise PermissionDenied
         call = self.get_object(request, object_id)
         if call is None:

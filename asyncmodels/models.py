@@ -273,10 +273,20 @@ class MethodCall(models.Model):
         The retry is one more attempt: ``attempts`` keeps counting, and automatic retries
         (``retries=``) follow it only while the method's budget of attempts is not used up. The
         last error stays on the row until the new attempt ends; every earlier attempt stays in
-        ``attempt_log``. ``reason`` (str) is kept in ``state_reason``. The object is refreshed
-        from the database either way.
+        ``attempt_log``. ``reason`` (str) is kept in ``state_reason`` until a worker claims the
+        call. The object is refreshed from the database either way.
+
+        Raises ``asyncmodels.exceptions.UnknownQueueError`` (and changes nothing) if the call's
+        queue is no longer in ``settings.RQ_QUEUES``: the retry could only fail again.
         """
-        from . import dispatch
+        from . import conf, dispatch
+        from .exceptions import UnknownQueueError
+
+        if self.state in RETRYABLE_STATES and self.queue not in conf.get_rq_queue_names():
+            raise UnknownQueueError(
+                f"queue {self.queue!r} of call #{self.pk} is no longer in settings.RQ_QUEUES; restore it "
+                "before retrying the call."
+            )
 
         won = self._compare_and_set(
             RETRYABLE_STATES,

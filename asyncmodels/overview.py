@@ -75,7 +75,10 @@ def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
     """Read the overview's figures from ``queryset`` (the admin's, so its database and scoping)."""
     database = queryset.db
     now = timezone.now()
-    since = (now - WINDOW).replace(minute=0, second=0, microsecond=0) + datetime.timedelta(hours=1)
+    # The window starts on a local hour boundary (zones may be 30 or 45 minutes off UTC), 24
+    # hours back from the start of the current local hour.
+    this_hour = timezone.localtime(now).replace(minute=0, second=0, microsecond=0)
+    since = this_hour.astimezone(datetime.UTC) - WINDOW + datetime.timedelta(hours=1)
     counts: dict[tuple[str, str], int] = {}
     for row in (
         queryset.filter(state__in=UNFINISHED_ORDER)
@@ -145,12 +148,15 @@ def _hourly(
         .annotate(calls=Count("id"), failures=Count("id", filter=Q(state=CallState.FAILED)))
         .order_by()
     ):
-        per_hour[_hour_key(row["hour"])] = (row["calls"], row["failures"])
+        key = _hour_key(row["hour"])
+        calls, failures = per_hour.get(key, (0, 0))  # two UTC hours may share a local label (DST)
+        per_hour[key] = (calls + row["calls"], failures + row["failures"])
     hours = []
     for offset in range(int(WINDOW / datetime.timedelta(hours=1))):
         start = since + datetime.timedelta(hours=offset)
         key = _hour_key(start)
-        calls, failures = per_hour.get(key, (0, 0))
+        # pop: when a clock is set back (DST), two hours share a local label; count them once.
+        calls, failures = per_hour.pop(key, (0, 0))
         hours.append(
             (
                 start,
