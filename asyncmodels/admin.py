@@ -813,9 +813,12 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             started = None
         duration = entry.get("duration")
         seconds = None
-        if isinstance(duration, int | float) and not isinstance(duration, bool):
-            if 0 <= duration < MAX_SHOWN_SECONDS:  # also false for NaN, and for ints past float's range
-                seconds = float(duration)
+        if (
+            isinstance(duration, int | float)
+            and not isinstance(duration, bool)
+            and 0 <= duration < MAX_SHOWN_SECONDS  # false for NaN, and for ints past float's range
+        ):
+            seconds = float(duration)
         try:
             ended = started + datetime.timedelta(seconds=seconds) if started and seconds is not None else None
         except OverflowError:
