@@ -138,7 +138,9 @@ def test_search_matches_an_exact_object_id_or_error_text(
     other = Instance.objects.create(pk=instance.pk * 10 + 1, account=instance.account, name="web2")
     mine = instance.describe()
     theirs = other.describe()
-    failed = Echo.objects.create(pk=999).fail("disk quota exceeded on vol-7")
+    failed = Echo.objects.create(pk=999).fail(
+        "disk quota exceeded on volume alpha"
+    )  # no digits: ids are searched too
     run_worker()
 
     def ids(term: str) -> set[int]:
