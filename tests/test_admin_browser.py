@@ -183,6 +183,17 @@ def test_overview_shows_counts_and_a_chart_whose_figures_link_to_the_list(
     assert bars.count() >= 48  # two series, 24 hours, each bar a link
     _shoot(page, "overview")
 
+    # In the admin's dark theme the chart's labels take the page's text colour, not dark grey.
+    page.emulate_media(color_scheme="dark")
+    page.reload()
+    label_colour = page.evaluate(
+        "getComputedStyle(document.querySelector('.asyncmodels-chart svg .axis text')).fill"
+    )
+    body_colour = page.evaluate("getComputedStyle(document.body).color")
+    assert label_colour == body_colour, (label_colour, body_colour)
+    _shoot(page, "overview-dark")
+    page.emulate_media(color_scheme="light")
+
     page.locator("#asyncmodels-counts tfoot td a").nth(states.index("failed")).click()
     page.wait_for_url(re.compile(r"state__exact=failed"))
     assert page.locator("#result_list tbody tr").count() == 1
