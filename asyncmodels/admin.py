@@ -14,6 +14,7 @@ each filter has an index that serves it in ``-id`` order.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
-from django.contrib.admin.utils import quote
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
@@ -42,6 +44,7 @@ from django.views.decorators.http import require_POST
 from . import conf, registry
 from .exceptions import UnknownQueueError
 from .models import CallState, MethodCall
+from .overview import OVERDUE_AFTER
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -52,12 +55,10 @@ else:  # ModelAdmin is generic only in django-stubs
     MethodCallAdminBase = admin.ModelAdmin
     MixinBase = object
 
-CHANGELIST = "admin:asyncmodels_methodcall_changelist"
 #: Longer durations are shown in seconds rather than as a timedelta (which would overflow).
 MAX_SHOWN_SECONDS = 1e9
 #: The query parameter that picks the database whose calls the admin shows (default: ``default``).
 DATABASE_PARAM = "db"
-CHANGE = "admin:asyncmodels_methodcall_change"
 ADMIN_CSS = "asyncmodels/admin.css"
 
 
@@ -79,11 +80,14 @@ def _pretty_json(value: Any) -> SafeString:
     )
 
 
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S %Z"
+
+
 def _format_time(value: datetime.datetime | None) -> str:
     if value is None:
         return "-"
     try:
-        return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+        return timezone.localtime(value).strftime(TIME_FORMAT)
     except (OverflowError, ValueError):  # near datetime's limits, in a zone east of UTC
         return value.isoformat()
 
@@ -100,7 +104,7 @@ def _short_time(value: datetime.datetime | None) -> SafeString | str:
     return format_html(
         '<time datetime="{}" title="{}">{}</time>',
         value.isoformat(),
-        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        local.strftime(TIME_FORMAT),
         local.strftime("%H:%M:%S" if today else "%b %d %H:%M"),
     )
 
@@ -118,27 +122,36 @@ def _format_seconds(seconds: float | None) -> str:
 
 
 def _first_line(text: str, limit: int = 120) -> str:
-    text = displayable(text)
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def calls_url(database: str = DEFAULT_DB_ALIAS, **filters: str) -> str:
-    """The call list's URL with ``filters`` (the list's own query parameters) applied.
+def database_query(database: str) -> dict[str, str]:
+    """The list's query parameters that select ``database``: none for ``default``, else ``db``."""
+    return {} if database == DEFAULT_DB_ALIAS else {DATABASE_PARAM: database}
 
-    Calls on another database than ``default`` are listed with ``?db=<alias>``.
+
+def calls_url(database: str = DEFAULT_DB_ALIAS, site_name: str = "admin", **filters: str) -> str:
+    """The call list's URL on admin site ``site_name``, with ``filters`` (its query parameters).
+
+    Calls on another database than ``default`` are listed with ``?db=<alias>``. Raises
+    ``NoReverseMatch`` if ``MethodCall`` is not registered on that site.
     """
-    if database != DEFAULT_DB_ALIAS:
-        filters = {DATABASE_PARAM: database, **filters}
-    url = reverse(CHANGELIST)
+    filters = {**database_query(database), **filters}
+    url = reverse(f"{site_name}:asyncmodels_methodcall_changelist")
     return f"{url}?{urlencode(filters)}" if filters else url
 
 
-def call_url(call: MethodCall) -> str:
-    """The call page of ``call``, on the database it was read from."""
-    url = reverse(CHANGE, args=[quote(call.pk)])
-    database = call._state.db or DEFAULT_DB_ALIAS
-    return url if database == DEFAULT_DB_ALIAS else f"{url}?{urlencode({DATABASE_PARAM: database})}"
+def call_url(call: MethodCall, site_name: str = "admin") -> str:
+    """The call page of ``call`` on admin site ``site_name``, on the database it was read from.
+
+    The database travels as a preserved list filter (``?_changelist_filters=db%3D<alias>``), so
+    the page's breadcrumbs, History link and buttons stay on it too. Raises ``NoReverseMatch``
+    if ``MethodCall`` is not registered on that site.
+    """
+    url = reverse(f"{site_name}:asyncmodels_methodcall_change", args=[quote(call.pk)])
+    query = database_query(call._state.db or DEFAULT_DB_ALIAS)
+    return f"{url}?{urlencode({'_changelist_filters': urlencode(query)})}" if query else url
 
 
 def call_databases() -> list[str]:
@@ -176,31 +189,14 @@ def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | 
     return format_html('<a href="{}">{}</a>', url, label)
 
 
-_TEXT_FIELDS = ("method", "queue", "object_id", "state", "error", "error_type", "traceback", "state_reason",
-                "result_note", "worker")  # fmt: skip
-
-
-def _displayable_call(call: MethodCall) -> MethodCall:
-    """Make every text field of ``call`` (as shown, never saved) safe to send; see ``displayable``."""
-    for name in _TEXT_FIELDS:
-        value = getattr(call, name)
-        if isinstance(value, str):
-            setattr(call, name, displayable(value))
-    return call
-
-
 class MethodCallChangeList(ChangeList):
-    """The call list: sorts only by ``sortable_by`` (``?o=`` can't ask for an unindexed full sort),
-    and shows every text escaped for sending (``displayable``)."""
+    """The call list; it sorts only by ``sortable_by``, so ``?o=`` can't ask for an unindexed
+    sort of the whole table (Django's ``sortable_by`` alone only hides the header links)."""
 
     def get_ordering_field(self, field_name: Any) -> Any:
         if self.sortable_by is not None and field_name not in self.sortable_by:
             return None
         return super().get_ordering_field(field_name)
-
-    def get_results(self, request: HttpRequest) -> None:
-        super().get_results(request)
-        self.result_list = [_displayable_call(call) for call in self.result_list]
 
 
 class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
@@ -217,6 +213,7 @@ class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
 
     @cached_property
     def count(self) -> int:
+        """The number of rows, or ``limit + 1`` if there are more than ``limit``."""
         return int(self.object_list[: self.limit + 1].count())  # type: ignore[attr-defined]
 
     @property
@@ -240,9 +237,8 @@ class DatabaseFilter(admin.SimpleListFilter):
         return [(alias, alias) for alias in aliases] if len(aliases) > 1 or self.value() else []
 
     def choices(self, changelist: Any) -> Any:
-        for choice in super().choices(changelist):
-            if choice["display"] == "All":  # "all" is not a database: the default is one of them
-                continue
+        # Skip the first choice ("All", translated): calls are listed from one database at a time.
+        for choice in itertools.islice(super().choices(changelist), 1, None):
             if self.value() is None and choice["display"] == DEFAULT_DB_ALIAS:
                 choice["selected"] = True
             yield choice
@@ -328,7 +324,7 @@ class ObjectFilter(admin.SimpleListFilter):
         parsed = self._parse()
         if parsed is None:
             return [(str(self.value()), str(self.value()))]
-        database = model_admin.database_for(request) if hasattr(model_admin, "database_for") else None
+        database = model_admin.database_for(request)
         try:  # content type ids differ between databases: look it up where the calls are
             content_type = ContentType.objects.db_manager(database).get_for_id(parsed[0])
         except ContentType.DoesNotExist:
@@ -384,13 +380,66 @@ class CreatedFilter(admin.SimpleListFilter):
         return queryset.filter(created_at__gte=hour, created_at__lt=hour + datetime.timedelta(hours=1))
 
 
+def history_key(call: MethodCall) -> str:
+    """The ``LogEntry.object_id`` of ``call``'s admin history: its pk, or ``"<alias>:<pk>"`` for a
+    call on another database than ``default`` (pks repeat across databases; log entries live on
+    ``default``)."""
+    database = call._state.db or DEFAULT_DB_ALIAS
+    return str(call.pk) if database == DEFAULT_DB_ALIAS else f"{database}:{call.pk}"
+
+
+def log_call_change(request: HttpRequest, call: MethodCall, message: str) -> None:
+    """Write ``message`` to ``call``'s admin history ("History" on its page), as the request's user."""
+    user_id = request.user.pk
+    if user_id is None:  # an anonymous user never gets past the admin's login
+        return
+    LogEntry.objects.create(
+        user_id=user_id,
+        content_type_id=ContentType.objects.get_for_model(MethodCall).pk,
+        object_id=history_key(call),
+        object_repr=str(call)[:200],
+        action_flag=CHANGE,
+        change_message=message,
+    )
+
+
+LEASE_EXPIRED = "lease-expired"
+ATTENTION_OVERDUE = "overdue"
+
+
+class AttentionFilter(admin.SimpleListFilter):
+    """Calls that need a look: running with an expired lease, or scheduled and overdue.
+
+    Each is served by its state's partial index (``asyncmodels_call_lease``, ``asyncmodels_call_due``).
+    """
+
+    title = "needs attention"
+    parameter_name = "attention"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            (LEASE_EXPIRED, "running, lease expired"),
+            (ATTENTION_OVERDUE, f"scheduled, overdue by {OVERDUE_AFTER.total_seconds():.0f} s"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        now = timezone.now()
+        if self.value() == LEASE_EXPIRED:
+            return queryset.filter(state=CallState.RUNNING, lease_expires_at__lt=now)
+        if self.value() == ATTENTION_OVERDUE:
+            return queryset.filter(state=CallState.SCHEDULED, run_after__lt=now - OVERDUE_AFTER)
+        return queryset
+
+
 class CallActionsMixin(MixinBase):
     """Retry and cancel, each behind its own permission; used by the list and the call page."""
 
     def has_retry_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
+        """Whether the user holds ``asyncmodels.retry_methodcall`` (the list action's permission)."""
         return bool(request.user.has_perm("asyncmodels.retry_methodcall"))
 
     def has_cancel_permission(self, request: HttpRequest, obj: MethodCall | None = None) -> bool:
+        """Whether the user holds ``asyncmodels.cancel_methodcall`` (the list action's permission)."""
         return bool(request.user.has_perm("asyncmodels.cancel_methodcall"))
 
     def _who(self, request: HttpRequest) -> str:
@@ -409,8 +458,8 @@ class CallActionsMixin(MixinBase):
                 self.message_user(request, f"Call #{call.pk} was not retried: {exc}", messages.WARNING)
                 continue
             (done if acted else refused).append(call)
-            if acted:  # the admin's own history of the call ("History" on its page)
-                self.log_change(request, call, reason)
+            if acted:
+                log_call_change(request, call, reason)
         return done, refused
 
     def _report(
@@ -511,13 +560,18 @@ class MethodCallsAdminMixin(MixinBase):
         if not calls:
             return "No calls yet."
         shown = calls[: self.method_calls_limit]
+        site = self.admin_site.name
+        try:
+            list_url = calls_url(obj._state.db or DEFAULT_DB_ALIAS, site, object=object_filter_value(obj))
+        except NoReverseMatch:  # MethodCall is not registered on this admin site: no links
+            list_url = ""
         rows = format_html_join(
             "",
             '<tr><td><a href="{}">#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
             "<td>{}</td><td>{}</td></tr>",
             (
                 (
-                    call_url(call),
+                    call_url(call, site) if list_url else "",
                     call.pk,
                     call.method,
                     state_badge(call.state),
@@ -530,14 +584,15 @@ class MethodCallsAdminMixin(MixinBase):
             ),
         )
         more = "all calls of this object" if len(calls) > len(shown) else "these calls in the call list"
-        return format_html(
+        table = format_html(
             '<table class="asyncmodels-calls-table"><thead><tr><th>call</th><th>method</th><th>state</th>'
             "<th>attempts</th><th>created</th><th>finished</th><th>error</th></tr></thead>"
-            '<tbody>{}</tbody></table><p><a href="{}">{} →</a></p>',
+            "<tbody>{}</tbody></table>",
             rows,
-            calls_url(obj._state.db or DEFAULT_DB_ALIAS, object=object_filter_value(obj)),
-            more.capitalize(),
         )
+        if not list_url:
+            return table
+        return format_html('{}<p><a href="{}">{} →</a></p>', table, list_url, more.capitalize())
 
 
 @admin.register(MethodCall)
@@ -560,6 +615,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     list_display_links = ("id",)
     list_filter = (
         "state",
+        AttentionFilter,
         QueueFilter,
         MethodFilter,
         ModelFilter,
@@ -569,7 +625,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     )
     search_help_text = "An object's primary key (exact), or text in the error message."
     search_fields = ("object_id", "error")  # matched in get_search_results(), see there
-    list_select_related = ("content_type",)
+    # No join: each row's content type comes from ContentType's cache (_object_link).
     ordering = ("-id",)
     sortable_by = ("id",)
     show_full_result_count = False
@@ -635,12 +691,6 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return MethodCallChangeList
 
-    def get_object(
-        self, request: HttpRequest, object_id: str, from_field: str | None = None
-    ) -> MethodCall | None:
-        call = super().get_object(request, object_id, from_field)
-        return _displayable_call(call) if call is not None else None
-
     def get_queryset(self, request: HttpRequest) -> QuerySet[MethodCall]:
         return super().get_queryset(request).using(self.database_for(request))
 
@@ -703,10 +753,11 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     def related_calls(self, call: MethodCall) -> SafeString:
         value = f"{call.content_type_id}:{call.object_id}"
         database = call._state.db or DEFAULT_DB_ALIAS
-        same_method = calls_url(database, object=value, method=call.method)
+        site = self.admin_site.name
+        same_method = calls_url(database, site, object=value, method=call.method)
         return format_html(
             '<a href="{}">all calls of this object</a> · <a href="{}">its {} calls</a>',
-            calls_url(database, object=value),
+            calls_url(database, site, object=value),
             same_method,
             call.method,
         )
@@ -837,30 +888,29 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @admin.action(description="Retry selected failed or cancelled calls", permissions=["retry"])
     def retry_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
-        if self._too_many(request, queryset, "retried"):
-            return
-        done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "retried")
-        self._report(request, done, refused, "retried")
+        """List action: ``MethodCall.retry()`` each selected call; report what was and was not done."""
+        self._act_on_selection(request, queryset, "retried")
 
     @admin.action(description="Cancel selected calls that have not started", permissions=["cancel"])
     def cancel_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
-        if self._too_many(request, queryset, "cancelled"):
-            return
-        done, refused = self._apply(request, queryset.order_by("pk").iterator(chunk_size=500), "cancelled")
-        self._report(request, done, refused, "cancelled")
+        """List action: ``MethodCall.cancel()`` each selected call; report what was and was not done."""
+        self._act_on_selection(request, queryset, "cancelled")
 
-    def _too_many(self, request: HttpRequest, queryset: QuerySet[MethodCall], verb: str) -> bool:
-        """Refuse "select all" over more calls than the list counts: the page could not say how many."""
+    def _act_on_selection(self, request: HttpRequest, queryset: QuerySet[MethodCall], verb: str) -> None:
+        # Read once, at most limit + 1 rows: "select all" over more calls than the list counts is
+        # refused (the page could not say how many, and one request would act on millions).
         limit = BoundedCountPaginator.limit
-        if queryset[: limit + 1].count() <= limit:
-            return False
-        self.message_user(
-            request,
-            f"Nothing was {verb}: the selection holds more than {limit} calls. Narrow the filters "
-            f"(state, method, time) to at most {limit}, or use MethodCall.retry()/cancel() in code.",
-            messages.ERROR,
-        )
-        return True
+        calls = list(queryset.order_by("pk")[: limit + 1])
+        if len(calls) > limit:
+            self.message_user(
+                request,
+                f"Nothing was {verb}: the selection holds more than {limit} calls. Narrow the filters "
+                f"(state, method, time) to at most {limit}, or use MethodCall.retry()/cancel() in code.",
+                messages.ERROR,
+            )
+            return
+        done, refused = self._apply(request, calls, verb)
+        self._report(request, done, refused, verb)
 
     # Buttons on the call page (POST only; the admin view wrapper checks staff and CSRF).
 
@@ -874,7 +924,8 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         done, refused = self._apply(request, [call], verb)
         self._report(request, done, refused, verb)
         # Back to the call page, keeping its database and the list's filters.
-        return HttpResponseRedirect(reverse(CHANGE, args=[quote(call.pk)]) + self._page_query(request))
+        page = reverse(f"{self.admin_site.name}:asyncmodels_methodcall_change", args=[quote(call.pk)])
+        return HttpResponseRedirect(page + self._page_query(request))
 
     @staticmethod
     def _page_query(request: HttpRequest) -> str:
@@ -885,10 +936,28 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         return f"?{kept.urlencode()}" if kept else ""
 
     def retry_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The call page's Retry button: POST only (else 405). Raises ``PermissionDenied`` (403)
+        without both the retry and the view permission, ``Http404`` for an unknown call."""
         return require_POST(lambda request: self._one_call_action(request, object_id, "retried"))(request)
 
     def cancel_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The call page's Cancel button: POST only (else 405). Raises ``PermissionDenied`` (403)
+        without both the cancel and the view permission, ``Http404`` for an unknown call."""
         return require_POST(lambda request: self._one_call_action(request, object_id, "cancelled"))(request)
+
+    def history_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> HttpResponse:
+        """The admin's History page, reading this call's entries (see ``history_key``)."""
+        response = super().history_view(request, object_id, extra_context)
+        call = self.get_object(request, unquote(object_id))
+        if call is None or history_key(call) == str(call.pk) or not isinstance(response, TemplateResponse):
+            return response
+        entries = LogEntry.objects.filter(
+            object_id=history_key(call), content_type=ContentType.objects.get_for_model(MethodCall)
+        ).select_related("user")
+        context = response.context_data or {}
+        context["action_list"] = self.get_paginator(request, entries.order_by("action_time"), 100).get_page(1)
+        response.context_data = context
+        return response
 
     def change_view(
         self,
@@ -909,16 +978,18 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        overview_url = reverse("admin:asyncmodels_methodcall_overview")
-        database = self.database_for(request)
-        if database != DEFAULT_DB_ALIAS:
-            overview_url += f"?{urlencode({DATABASE_PARAM: database})}"
-        context = {**(extra_context or {}), "overview_url": overview_url}
+        overview_url = reverse(f"{self.admin_site.name}:asyncmodels_methodcall_overview")
+        query = database_query(self.database_for(request))
+        context = {
+            **(extra_context or {}),
+            "overview_url": overview_url + (f"?{urlencode(query)}" if query else ""),
+        }
         return super().changelist_view(request, context)
 
     # The overview page.
 
     def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """The overview page (``overview/``); raises ``PermissionDenied`` without view permission."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         from .overview import build_overview
@@ -930,10 +1001,11 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
             "title": "Method calls: overview" + (f" (database {database})" if len(databases) > 1 else ""),
             "database": database,
             "other_databases": [
-                (alias, f"?{urlencode({DATABASE_PARAM: alias})}") for alias in databases if alias != database
+                (alias, f"?{urlencode(database_query(alias))}") for alias in databases if alias != database
             ],
+            "list_url": calls_url(database, self.admin_site.name),
             "opts": self.opts,
             "app_label": self.opts.app_label,
-            "overview": build_overview(self.get_queryset(request).order_by()),
+            "overview": build_overview(self.get_queryset(request).order_by(), self.admin_site.name),
         }
         return TemplateResponse(request, "admin/asyncmodels/methodcall/overview.html", context)

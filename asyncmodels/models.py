@@ -147,6 +147,7 @@ class MethodCall(models.Model):
             # The admin's list, newest first, filtered by state or by method.
             models.Index(fields=["state", "-id"], name="asyncmodels_call_state_id"),
             models.Index(fields=["method", "-id"], name="asyncmodels_call_method_id"),
+            models.Index(fields=["queue", "-id"], name="asyncmodels_call_queue_id"),
             models.Index(fields=["created_at"], name="asyncmodels_call_created"),
             # Partial indexes for recovery: each holds only the few rows in one state, so a pass
             # over a table of millions of finished calls reads a handful of index entries.
@@ -250,8 +251,9 @@ class MethodCall(models.Model):
 
         A compare-and-set from ``pending``, ``scheduled``, ``waiting`` or ``enqueued``: a call
         that a worker has claimed, or that has finished, is left alone and ``False`` is returned.
-        A job already in RQ finds the call cancelled and does nothing. ``reason`` (str) is kept in
-        ``state_reason``. The object is refreshed from the database either way.
+        A job already in RQ finds the call cancelled and does nothing. ``reason`` (str, cut at 2,000
+        characters) replaces ``state_reason`` (a push failure's or a backoff's reason no longer
+        applies). The object is refreshed from the database either way.
         """
         won = self._compare_and_set(
             CANCELLABLE_STATES,
@@ -273,8 +275,10 @@ class MethodCall(models.Model):
         The retry is one more attempt: ``attempts`` keeps counting, and automatic retries
         (``retries=``) follow it only while the method's budget of attempts is not used up. The
         last error stays on the row until the new attempt ends; every earlier attempt stays in
-        ``attempt_log``. ``reason`` (str) is kept in ``state_reason`` until a worker claims the
-        call. The object is refreshed from the database either way.
+        ``attempt_log``. ``reason`` (str, cut at 2,000 characters) is kept in ``state_reason``
+        until a worker claims the call. The object is refreshed from the database either way.
+        ``created_at`` stays the first call's: recovery may push the retried call again right
+        away, which its unique job id and the claim's compare-and-set make harmless.
 
         Raises ``asyncmodels.exceptions.UnknownQueueError`` (and changes nothing) if the call's
         queue is no longer in ``settings.RQ_QUEUES``: the retry could only fail again.
@@ -282,21 +286,26 @@ class MethodCall(models.Model):
         from . import conf, dispatch
         from .exceptions import UnknownQueueError
 
-        if self.state in RETRYABLE_STATES and self.queue not in conf.get_rq_queue_names():
+        queues = conf.get_rq_queue_names()
+        won = (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(pk=self.pk, state__in=RETRYABLE_STATES, queue__in=queues)
+            .update(
+                state=CallState.PENDING,
+                finished_at=None,
+                run_after=None,
+                lease_expires_at=None,
+                state_reason=(reason or "Retried by hand.")[:2000],
+            )
+            == 1
+        )
+        self.refresh_from_db()
+        if not won and self.state in RETRYABLE_STATES and self.queue not in queues:
             raise UnknownQueueError(
                 f"queue {self.queue!r} of call #{self.pk} is no longer in settings.RQ_QUEUES; restore it "
                 "before retrying the call."
             )
-
-        won = self._compare_and_set(
-            RETRYABLE_STATES,
-            state=CallState.PENDING,
-            finished_at=None,
-            run_after=None,
-            lease_expires_at=None,
-            state_reason=(reason or "Retried by hand.")[:2000],
-        )
-        self.refresh_from_db()
         if won:
             dispatch.push_on_commit(self)
         return won

@@ -9,6 +9,7 @@ shown: counting millions of rows on each page view is what this page must not do
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import pygal
 from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import TruncHour
 from django.utils import timezone
+from django.utils.timesince import timesince
 from pygal.style import Style
 
 from .models import CallState, MethodCall
@@ -30,6 +32,9 @@ UNFINISHED_ORDER = (
     CallState.RUNNING,
 )
 FINISHED_ORDER = (CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED)
+#: A scheduled call this late past its run_after is overdue (recovery pushes due calls every
+#: RECOVERY_INTERVAL_SECONDS, 10 s by default).
+OVERDUE_AFTER = datetime.timedelta(minutes=1)
 
 
 @dataclass
@@ -41,59 +46,61 @@ class Cell:
 
 
 @dataclass
+class Attention:
+    """One "needs attention" line: a call (or none) with its page, or a count with its list."""
+
+    label: str
+    call: MethodCall | None = None
+    detail: str = ""
+    url: str = ""
+    count: int | None = None
+
+
+@dataclass
 class Overview:
     """Everything the overview template shows."""
 
-    since: datetime.datetime
     states: list[str]
     rows: list[tuple[str, list[Cell]]]
     totals: list[Cell]
-    oldest_pending: MethodCall | None
-    oldest_enqueued: MethodCall | None
-    longest_running: MethodCall | None
-    expired_leases: Cell
-    overdue: Cell
+    attention: list[Attention]
     hours: list[tuple[datetime.datetime, Cell, Cell]] = field(default_factory=list)
     chart_svg: str = ""
 
     @property
     def hours_newest_first(self) -> list[tuple[datetime.datetime, Cell, Cell]]:
+        """``hours`` in reverse order, for the table under the chart."""
         return self.hours[::-1]
-
-
-def _list_url(database: str, **filters: str) -> str:
-    from .admin import calls_url
-
-    return calls_url(database, **filters)
 
 
 def _hour_key(moment: datetime.datetime) -> str:
     return timezone.localtime(moment).strftime("%Y-%m-%dT%H:00")
 
 
-def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
-    """Read the overview's figures from ``queryset`` (the admin's, so its database and scoping)."""
+def build_overview(queryset: QuerySet[MethodCall], site_name: str = "admin") -> Overview:
+    """Read the overview's figures from ``queryset`` (the admin's, so its database and scoping).
+
+    Links point into admin site ``site_name``.
+    """
+    from .admin import ATTENTION_OVERDUE, LEASE_EXPIRED, call_url, calls_url
+
     database = queryset.db
+
+    def link(**filters: str) -> str:
+        return calls_url(database, site_name, **filters)
+
     now = timezone.now()
     # The window starts on a local hour boundary (zones may be 30 or 45 minutes off UTC), 24
     # hours back from the start of the current local hour.
     this_hour = timezone.localtime(now).replace(minute=0, second=0, microsecond=0)
     since = this_hour.astimezone(datetime.UTC) - WINDOW + datetime.timedelta(hours=1)
     counts: dict[tuple[str, str], int] = {}
-    for row in (
-        queryset.filter(state__in=UNFINISHED_ORDER)
-        .values("queue", "state")
-        .annotate(n=Count("id"))
-        .order_by()
+    for selection in (
+        queryset.filter(state__in=UNFINISHED_ORDER),
+        queryset.filter(state__in=FINISHED_ORDER, created_at__gte=now - WINDOW),
     ):
-        counts[(row["queue"], row["state"])] = row["n"]
-    for row in (
-        queryset.filter(state__in=FINISHED_ORDER, created_at__gte=now - WINDOW)
-        .values("queue", "state")
-        .annotate(n=Count("id"))
-        .order_by()
-    ):
-        counts[(row["queue"], row["state"])] = row["n"]
+        for row in selection.values("queue", "state").annotate(n=Count("id")).order_by():
+            counts[(row["queue"], row["state"])] = row["n"]
 
     states = [str(state) for state in (*UNFINISHED_ORDER, *FINISHED_ORDER)]
     finished = {str(state) for state in FINISHED_ORDER}
@@ -104,7 +111,7 @@ def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
             filters["queue"] = queue
         if state in finished:
             filters["created"] = "24h"
-        return Cell(count, _list_url(database, **filters))
+        return Cell(count, link(**filters))
 
     queues = sorted({queue for queue, _state in counts})
     rows = [
@@ -112,32 +119,43 @@ def build_overview(queryset: QuerySet[MethodCall]) -> Overview:
     ]
     totals = [cell(sum(n for (_q, s), n in counts.items() if s == state), state) for state in states]
 
-    overview = Overview(
-        since=since,
-        states=states,
-        rows=rows,
-        totals=totals,
-        oldest_pending=queryset.filter(state=CallState.PENDING).order_by("created_at").first(),
-        oldest_enqueued=queryset.filter(state=CallState.ENQUEUED).order_by("enqueued_at").first(),
-        longest_running=queryset.filter(state=CallState.RUNNING).order_by("started_at").first(),
-        expired_leases=Cell(
-            queryset.filter(state=CallState.RUNNING, lease_expires_at__lt=now).count(),
-            _list_url(database, state__exact=CallState.RUNNING),
+    def oldest(label: str, state: str, order: str, verb: str) -> Attention:
+        call = queryset.filter(state=state).order_by(order).first()
+        if call is None:
+            return Attention(label)
+        moment = getattr(call, order)
+        detail = f"{verb} {timesince(moment)} ago" if moment else ""
+        if state == CallState.RUNNING:
+            detail = f"on {call.worker or 'an unknown worker'}, {detail}"
+        return Attention(label, call, detail, call_url(call, site_name))
+
+    overdue_since = now - OVERDUE_AFTER
+    attention = [
+        oldest("Oldest pending (committed, not pushed yet)", CallState.PENDING, "created_at", "created"),
+        oldest(
+            "Oldest enqueued (pushed, not claimed by a worker yet)",
+            CallState.ENQUEUED,
+            "enqueued_at",
+            "enqueued",
         ),
-        overdue=Cell(
-            queryset.filter(
-                state=CallState.SCHEDULED, run_after__lt=now - datetime.timedelta(minutes=1)
-            ).count(),
-            _list_url(database, state__exact=CallState.SCHEDULED),
+        oldest("Longest running", CallState.RUNNING, "started_at", "started"),
+        Attention(
+            "Running calls whose lease expired (worker presumed lost; recovery ends their attempt)",
+            url=link(attention=LEASE_EXPIRED),
+            count=queryset.filter(state=CallState.RUNNING, lease_expires_at__lt=now).count(),
         ),
-    )
-    overview.hours = _hourly(queryset, since)
-    overview.chart_svg = render_chart(overview.hours)
-    return overview
+        Attention(
+            "Scheduled calls overdue by more than a minute (is a worker or asyncmodels_recover running?)",
+            url=link(attention=ATTENTION_OVERDUE),
+            count=queryset.filter(state=CallState.SCHEDULED, run_after__lt=overdue_since).count(),
+        ),
+    ]
+    hours = _hourly(queryset, since, link)
+    return Overview(states, rows, totals, attention, hours, render_chart(hours))
 
 
 def _hourly(
-    queryset: QuerySet[MethodCall], since: datetime.datetime
+    queryset: QuerySet[MethodCall], since: datetime.datetime, link: Callable[..., str]
 ) -> list[tuple[datetime.datetime, Cell, Cell]]:
     """Calls created per hour over the window, and how many of them failed; one entry per hour."""
     per_hour: dict[str, tuple[int, int]] = {}
@@ -160,8 +178,8 @@ def _hourly(
         hours.append(
             (
                 start,
-                Cell(calls, _list_url(queryset.db, created=key)),
-                Cell(failures, _list_url(queryset.db, created=key, state__exact=CallState.FAILED)),
+                Cell(calls, link(created=key)),
+                Cell(failures, link(created=key, state__exact=CallState.FAILED)),
             )
         )
     return hours

@@ -3,7 +3,8 @@
     .venv/bin/python bench/admin_list.py [--rows 1000000] [--repeat 15] [--keep]
 
 Seeds ``--rows`` method calls into a PostgreSQL database of its own (``asyncmodels_bench`` on
-127.0.0.1, created if missing and dropped at the end unless ``--keep``), then times each page
+127.0.0.1, or ``$ASYNCMODELS_BENCH_DB``; created, and dropped at the end unless ``--keep``; a
+database of that name that this script did not make is refused, never touched), then times each page
 through Django's test client, logged in as a superuser: the median of ``--repeat`` requests
 after a warm-up, and the number of SQL queries. The baseline, measured in the same run on the
 same rows, is a stock ``ModelAdmin`` for ``MethodCall`` with the same columns, filters and
@@ -16,12 +17,14 @@ ratios are the figures to quote.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,7 +54,7 @@ class StockMethodCallAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "id", "state", "method", "content_type", "object_id", "queue", "attempts",
         "created_at", "started_at", "finished_at", "error",
     )  # fmt: skip
-    list_filter = ("state", "queue", "method", "content_type")
+    list_filter = ("state", "queue", "method", "content_type", "created_at")
     search_fields = ("=object_id", "error")
     list_select_related = ("content_type",)
     list_per_page = 50
@@ -66,22 +69,39 @@ def _connect(dbname: str) -> psycopg.Connection[Any]:
     return psycopg.connect(host="127.0.0.1", user="postgres", dbname=dbname, autocommit=True)
 
 
+#: Written on the databases this script creates; it never seeds, nor drops, one without it.
+MARKER = "made by asyncmodels bench/admin_list.py"
+
+
 def _create_database() -> None:
+    """Create the benchmark's databases, or reuse ones an earlier run made (and kept)."""
     with _connect("postgres") as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE]).fetchone():
-            conn.execute(f'CREATE DATABASE "{DATABASE}"')
-        for name in (DATABASE + "_other",):  # the settings' second alias opens it too
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+        for name in (DATABASE, DATABASE + "_other"):  # the settings' second alias opens the latter
+            found = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
+            ).fetchone()
+            if found is None:
                 conn.execute(f'CREATE DATABASE "{name}"')
+                conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{MARKER}'")
+            elif found[0] != MARKER:
+                raise SystemExit(
+                    f"database {name!r} exists and was not made by this benchmark; "
+                    "set ASYNCMODELS_BENCH_DB to another name"
+                )
 
 
 def _drop_database() -> None:
+    """Drop the benchmark's databases (only ever ones that carry MARKER)."""
     from django.db import connections
 
     connections.close_all()
     with _connect("postgres") as conn:
         for name in (DATABASE, DATABASE + "_other"):
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            found = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
+            ).fetchone()
+            if found is not None and found[0] == MARKER:
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def _seed(rows: int) -> None:
@@ -114,7 +134,8 @@ def _seed(rows: int) -> None:
                      WHEN i %% 10 < 6 THEN 'cloud.Instance.backup'
                      WHEN i %% 10 < 8 THEN 'cloud.Account.send_invoice'
                      ELSE 'cloud.Echo.bump' END,
-                CASE WHEN i %% 10 < 5 THEN 'provisioning' WHEN i %% 97 = 0 THEN 'urgent' ELSE 'default' END,
+                CASE WHEN i %% 10007 = 0 THEN 'batch' WHEN i %% 10 < 5 THEN 'provisioning'
+                     WHEN i %% 97 = 0 THEN 'urgent' ELSE 'default' END,
                 s.state,
                 '[]'::jsonb, '{"size": "large"}'::jsonb,
                 CASE WHEN s.state = 'succeeded' THEN '"ok"'::jsonb END, '',
@@ -187,6 +208,7 @@ def main() -> int:
     from django.core.management import call_command
     from django.test import Client
     from django.test.utils import setup_test_environment
+    from django.utils import timezone
     from tabulate import tabulate
 
     from testproject.cloud.models import Instance
@@ -204,6 +226,7 @@ def main() -> int:
         failed = (
             MethodCall.objects.filter(state="failed").order_by("-id").values_list("pk", flat=True).first()
         )
+        since_day = urlencode({"created_at__gte": (timezone.now() - datetime.timedelta(days=1)).isoformat()})
         pages = [
             ("list, no filter", "", ""),
             ("state = failed", "state__exact=failed", "state__exact=failed"),
@@ -213,7 +236,10 @@ def main() -> int:
                 "method__exact=cloud.Instance.backup",
             ),
             ("model = Instance", "model=cloud.instance", f"content_type__id__exact={instance_type}"),
-            ("queue = urgent", "queue=urgent", "queue__exact=urgent"),
+            ("queue = urgent (1 in 97)", "queue=urgent", "queue__exact=urgent"),
+            ("queue = batch (1 in 10007)", "queue=batch", "queue__exact=batch"),
+            ("created in the last 24 h", "created=24h", since_day),
+            ("needs attention: lease expired", "attention=lease-expired", "state__exact=running"),
             ("search object id 4242", "q=4242", "q=4242"),
             ("search error text", "q=xl-999", "q=xl-999"),
         ]

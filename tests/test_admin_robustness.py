@@ -194,10 +194,14 @@ def test_xss_in_messages_after_retry_and_cancel() -> None:
     _assert_escaped(client.get(_call_url(call)).content.decode(), SCRIPT)  # state_reason names the user
 
 
-def test_chart_svg_has_no_script_or_foreign_content(staff_client: Client) -> None:
-    _forged(queue=SCRIPT, method=SCRIPT, state=CallState.FAILED)
+def test_overview_escapes_a_forged_queue_and_method(staff_client: Client) -> None:
+    call = _forged(queue=SCRIPT, method=SCRIPT, state=CallState.PENDING)
     page = _get_ok(staff_client, OVERVIEW_URL)
-    svg = page[page.index("<svg") : page.index("</svg>")]
+    assert SCRIPT not in page
+    assert "<tr><th>&lt;script&gt;alert(1)&lt;/script&gt;</th>" in page  # the queue's row
+    assert f"#{call.pk} &lt;script&gt;alert(1)&lt;/script&gt;</a>" in page  # the oldest pending
+    chart = page.index('<div class="asyncmodels-chart">')
+    svg = page[page.index("<svg", chart) : page.index("</svg>", chart)]
     assert "<script" not in svg and "onload" not in svg and "javascript:" not in svg
 
 
@@ -509,8 +513,15 @@ def test_action_retry_and_cancel_mixed_selection(staff_client: Client) -> None:
     ids = [str(c.pk) for c in calls] + ["999999"]  # ("abc" 500s in Django's own response_action)
     response = staff_client.post(LIST_URL, {"action": "cancel_calls", "_selected_action": ids}, follow=True)
     assert response.status_code == 200
+    states = dict(MethodCall.objects.values_list("pk", "state"))
+    failed, running, bogus, waiting = (c.pk for c in calls)
+    assert states == {failed: "failed", running: "running", bogus: "bogus", waiting: "cancelled"}
     response = staff_client.post(LIST_URL, {"action": "retry_calls", "_selected_action": ids}, follow=True)
     assert response.status_code == 200
+    states = dict(MethodCall.objects.values_list("pk", "state"))
+    # The failed and the (now) cancelled call were retried and pushed; the others are untouched.
+    assert states == {failed: "enqueued", running: "running", bogus: "bogus", waiting: "enqueued"}
+    assert f"Retried 2 calls: #{failed}, #{waiting}." in response.content.decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,7 +741,7 @@ def test_hourly_counts_over_a_dst_fall_back_count_each_call_once(settings: Any) 
         created_at=datetime.datetime(2025, 11, 2, 5, 30, tzinfo=datetime.UTC)  # 01:30 EDT
     )
     since = datetime.datetime(2025, 11, 1, 13, 0, tzinfo=datetime.UTC)
-    hours = _hourly(MethodCall.objects.order_by(), since)
+    hours = _hourly(MethodCall.objects.order_by(), since, lambda **filters: "")
     assert sum(cell.count for _start, cell, _failed in hours) == 1, [
         (_hour_key(start), cell.count) for start, cell, _f in hours if cell.count
     ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from django.db import transaction
 
+from asyncmodels.exceptions import UnknownQueueError
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance
 
@@ -130,9 +132,7 @@ def test_retry_of_a_cancelled_call_runs_it(run_worker: RunWorker) -> None:
     assert (call.state, call.attempts, echo.hits) == (CallState.SUCCEEDED, 1, 1)
 
 
-def test_retry_refuses_succeeded_and_unfinished_calls(
-    run_worker: RunWorker, queued_jobs: Callable[..., int]
-) -> None:
+def test_retry_refuses_succeeded_and_unfinished_calls(run_worker: RunWorker) -> None:
     echo = Echo.objects.create()
     done = echo.bump()
     run_worker()
@@ -163,3 +163,38 @@ def test_retry_rolled_back_leaves_the_call_failed_and_pushes_nothing(
     call.refresh_from_db()
     assert call.state == CallState.FAILED
     assert queued_jobs() == 0
+
+
+def test_retry_on_a_removed_queue_raises_and_changes_nothing_even_from_a_stale_object(
+    run_worker: RunWorker, settings: Any
+) -> None:
+    call = Echo.objects.create().fail.using(queue="urgent")("boom")
+    stale = MethodCall.objects.get(pk=call.pk)  # read while still enqueued
+    run_worker()
+    settings.RQ_QUEUES = {name: config for name, config in settings.RQ_QUEUES.items() if name != "urgent"}
+    with pytest.raises(
+        UnknownQueueError, match=r"queue 'urgent' of call #\d+ is no longer in settings\.RQ_QUEUES"
+    ):
+        stale.retry()
+    call.refresh_from_db()
+    assert (call.state, call.error, call.attempts) == (CallState.FAILED, "boom", 1)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_retry_on_another_database_is_pushed_when_that_database_commits(
+    run_worker: RunWorker, queued_jobs: Callable[..., int]
+) -> None:
+    call = Echo.objects.using("other").create().fail("boom")
+    run_worker()
+    with transaction.atomic(using="other"):
+        assert call.retry() is True
+        assert queued_jobs() == 0
+    assert queued_jobs() == 1
+    with transaction.atomic(using="other"):
+        MethodCall.objects.using("other").filter(pk=call.pk).update(state=CallState.FAILED)
+    with pytest.raises(RuntimeError), transaction.atomic(using="other"):
+        assert call.retry() is True
+        raise RuntimeError("rolled back")
+    call.refresh_from_db()
+    assert call.state == CallState.FAILED
+    assert queued_jobs() == 1
