@@ -466,9 +466,18 @@ class CallActionsMixin(MixinBase):
         self, request: HttpRequest, done: Sequence[MethodCall], refused: Sequence[MethodCall], verb: str
     ) -> None:
         """One message for what was done, and one per reason for what was not."""
+        asked = [call for call in done if call.state == CallState.RUNNING]  # cancel() of a running call
+        done = [call for call in done if call.state != CallState.RUNNING]
         if done:
             what = f"call #{done[0].pk}" if len(done) == 1 else f"{len(done)} calls: {_id_list(done)}"
             self.message_user(request, f"{verb.capitalize()} {what}.", messages.SUCCESS)
+        if asked:
+            self.message_user(
+                request,
+                f"Asked running call{'s' if len(asked) > 1 else ''} {_id_list(asked)} to stop: no further "
+                "attempt will follow, and each ends cancelled unless its method returns first.",
+                messages.SUCCESS,
+            )
         by_state: dict[str, list[MethodCall]] = {}
         for call in refused:
             by_state.setdefault(call.state, []).append(call)
@@ -486,7 +495,7 @@ class CallActionsMixin(MixinBase):
                 )
             return f"{which} not retried: {state}, not failed or cancelled."
         if state == CallState.RUNNING:
-            return f"{which} not cancelled: a worker is running it; only calls not started can be cancelled."
+            return f"{which} already asked to stop."
         return f"{which} not cancelled: already {state}."
 
 
@@ -647,6 +656,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
                     "run_after_time",
                     "started_time",
                     "lease_display",
+                    "cancel_requested_time",
                     "finished_time",
                     "duration_detail",
                 )
@@ -720,6 +730,10 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @admin.display(description="state", ordering="state")
     def state_display(self, call: MethodCall) -> SafeString:
+        if call.state == CallState.RUNNING and call.cancel_requested_at is not None:
+            return format_html(
+                '{} <span class="asyncmodels-stopping">asked to stop</span>', state_badge(call.state)
+            )
         return state_badge(call.state)
 
     @admin.display(description="object")
@@ -792,6 +806,10 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     @admin.display(description="duration (last attempt, started to finished)")
     def duration_detail(self, call: MethodCall) -> str:
         return self.duration_display(call)
+
+    @admin.display(description="asked to stop")
+    def cancel_requested_time(self, call: MethodCall) -> str:
+        return _format_time(call.cancel_requested_at)
 
     @admin.display(description="lease")
     def lease_display(self, call: MethodCall) -> str:
@@ -891,7 +909,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         """List action: ``MethodCall.retry()`` each selected call; report what was and was not done."""
         self._act_on_selection(request, queryset, "retried")
 
-    @admin.action(description="Cancel selected calls that have not started", permissions=["cancel"])
+    @admin.action(description="Cancel selected calls (ask running ones to stop)", permissions=["cancel"])
     def cancel_calls(self, request: HttpRequest, queryset: QuerySet[MethodCall]) -> None:
         """List action: ``MethodCall.cancel()`` each selected call; report what was and was not done."""
         self._act_on_selection(request, queryset, "cancelled")

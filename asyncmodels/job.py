@@ -32,12 +32,12 @@ from django.db import (
     connections,
     transaction,
 )
-from django.db.models import F
+from django.db.models import Case, F, TextField, Value, When
 from django.db.models.functions import Coalesce, Now
 
 from . import conf, registry, serialization
 from .exceptions import DecodingError, EncodingError
-from .models import CLAIMABLE_STATES, CallState, MethodCall
+from .models import CLAIMABLE_STATES, CallState, MethodCall, honour_cancel_request
 from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.job")
@@ -97,6 +97,7 @@ def _claim(call_id: int, database: str) -> int:
             started_at=Now(),
             finished_at=None,
             lease_expires_at=Now() + lease,
+            cancel_requested_at=None,
             state_reason="",
             enqueued_at=Coalesce(F("enqueued_at"), Now()),
         )
@@ -387,7 +388,12 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
         "state": CallState.SUCCEEDED,
         "finished_at": Now(),
         "attempt_log": log,
-        "state_reason": "",
+        # The work was done: a cancel requested meanwhile came too late, and the row says so.
+        "state_reason": Case(
+            When(cancel_requested_at__isnull=False, then=Value(TOO_LATE_TO_CANCEL)),
+            default=Value(""),
+            output_field=TextField(),
+        ),
         "error_type": "",
         "error": "",
         "traceback": "",
@@ -402,6 +408,22 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
     if recorded:
         logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
     return recorded
+
+
+#: ``state_reason`` of a call that succeeded although it was asked to stop while it ran.
+TOO_LATE_TO_CANCEL = "A cancel was requested while the attempt ran, but the method finished first."
+
+
+def _what_follows(call: MethodCall) -> str:
+    """For the failure's log line: whether a retry follows, or the call ended cancelled."""
+    state = (
+        MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()
+    )
+    if state == CallState.SCHEDULED:
+        return "; retry scheduled"
+    if state == CallState.CANCELLED:
+        return "; the call was asked to stop, so it ends cancelled"
+    return ""
 
 
 def _record_failure(
@@ -430,6 +452,7 @@ def _record_failure(
         changes = {"state": CallState.SCHEDULED, "run_after": Now() + delay, "state_reason": reason}
     else:
         changes = {"state": CallState.FAILED, "finished_at": Now(), "state_reason": ""}
+    changes = honour_cancel_request(changes)
     try:
         recorded = _finish(call, **errors, **changes)
     except DatabaseError as exc:
@@ -448,5 +471,5 @@ def _record_failure(
             outcome,
             error_type,
             error,
-            "; retry scheduled" if changes["state"] == CallState.SCHEDULED else "",
+            _what_follows(call),
         )

@@ -45,6 +45,36 @@ PUSH_FAILURE_PREFIX = "The push to queue"
 RETRYABLE_STATES = frozenset({CallState.FAILED, CallState.CANCELLED})
 
 
+def honour_cancel_request(changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` that end a running attempt, made to end the call ``cancelled`` (no further
+    attempt) if a cancel was requested while it ran (``MethodCall.cancel()``).
+
+    Each changed field becomes a ``CASE`` on ``cancel_requested_at`` inside the same finishing
+    ``UPDATE``, so a request that lands at any moment before it is honoured. ``state_reason``
+    then keeps the request's reason.
+    """
+    requested = models.Q(cancel_requested_at__isnull=False)
+
+    def unless(value: Any, if_requested: Any, field: models.Field[Any, Any]) -> models.Case:
+        def expression(v: Any) -> Any:  # a plain str would be taken for a field name
+            return v if hasattr(v, "resolve_expression") else models.Value(v, output_field=field)
+
+        return models.Case(
+            models.When(requested, then=expression(if_requested)),
+            default=expression(value),
+            output_field=field,
+        )
+
+    ended = dict(changes)
+    ended["state"] = unless(changes["state"], models.Value(CallState.CANCELLED), models.CharField())
+    ended["finished_at"] = unless(changes.get("finished_at"), Now(), models.DateTimeField())
+    ended["run_after"] = unless(changes.get("run_after", models.F("run_after")), None, models.DateTimeField())
+    ended["state_reason"] = unless(
+        changes.get("state_reason", ""), models.F("state_reason"), models.TextField()
+    )
+    return ended
+
+
 class MethodCallQuerySet(models.QuerySet["MethodCall"]):
     """Filters named after states and objects: ``MethodCall.objects.for_object(acct).failed()``."""
 
@@ -126,6 +156,11 @@ class MethodCall(models.Model):
     run_after = models.DateTimeField(null=True, blank=True, help_text=_("When a scheduled call becomes due."))
     lease_expires_at = models.DateTimeField(
         null=True, blank=True, help_text=_("A running call whose lease expired has lost its worker.")
+    )
+    cancel_requested_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text=_("When a running call was asked to stop: it ends cancelled unless it succeeds."),
     )
 
     created_at = models.DateTimeField(db_default=Now())
@@ -238,7 +273,10 @@ class MethodCall(models.Model):
 
     @property
     def can_cancel(self) -> bool:
-        """Whether ``cancel()`` would act on the call as last read: it has not started running."""
+        """Whether ``cancel()`` would act on the call as last read: it has not finished, and a
+        running call has not been asked to stop already."""
+        if self.state == CallState.RUNNING:
+            return self.cancel_requested_at is None
         return self.state in CANCELLABLE_STATES
 
     @property
@@ -247,20 +285,34 @@ class MethodCall(models.Model):
         return self.state in RETRYABLE_STATES
 
     def cancel(self, *, reason: str = "") -> bool:
-        """Cancel the call if it has not started; return ``True`` if this cancelled it.
+        """Cancel the call, or ask it to stop if it is running; return ``True`` if this did either.
 
-        A compare-and-set from ``pending``, ``scheduled``, ``waiting`` or ``enqueued``: a call
-        that a worker has claimed, or that has finished, is left alone and ``False`` is returned.
-        A job already in RQ finds the call cancelled and does nothing. ``reason`` (str, cut at 2,000
-        characters) replaces ``state_reason`` (a push failure's or a backoff's reason no longer
-        applies). The object is refreshed from the database either way.
+        A call that has not started (``pending``, ``scheduled``, ``waiting``, ``enqueued``) is
+        cancelled at once, by a compare-and-set; a job already in RQ then finds it cancelled and
+        does nothing. A ``running`` call is asked to stop: ``cancel_requested_at`` is set, and
+        nothing interrupts the method, but no further attempt follows. When the running attempt
+        ends, the call is ``cancelled`` if the attempt failed, timed out or lost its worker (its
+        error is kept), and ``succeeded`` if the method returned first (the work was done). A
+        finished call, or a running one already asked to stop, is left alone: ``False``.
+
+        ``reason`` (str, cut at 2,000 characters) replaces ``state_reason`` (a push failure's or a
+        backoff's reason no longer applies). The object is refreshed from the database either way.
         """
+        reason = reason[:2000]
         won = self._compare_and_set(
             CANCELLABLE_STATES,
             state=CallState.CANCELLED,
             finished_at=Now(),
-            state_reason=reason[:2000],
+            state_reason=reason,
         )
+        if not won:
+            won = (
+                type(self)
+                ._default_manager.using(self._state.db)
+                .filter(pk=self.pk, state=CallState.RUNNING, cancel_requested_at__isnull=True)
+                .update(cancel_requested_at=Now(), state_reason=reason or "Asked to stop while running.")
+                == 1
+            )
         self.refresh_from_db()
         return won
 
@@ -296,6 +348,7 @@ class MethodCall(models.Model):
                 finished_at=None,
                 run_after=None,
                 lease_expires_at=None,
+                cancel_requested_at=None,
                 state_reason=(reason or "Retried by hand.")[:2000],
             )
             == 1

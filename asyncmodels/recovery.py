@@ -32,7 +32,7 @@ from rq.exceptions import StopRequested
 
 from . import conf, dispatch
 from .job import attempt_entry
-from .models import CallState, MethodCall
+from .models import CallState, MethodCall, honour_cancel_request
 from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.recovery")
@@ -273,9 +273,15 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
     won = (
         MethodCall.objects.using(call._state.db)
         .filter(still_lost, pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
-        .update(lease_expires_at=None, attempt_log=log, **changes)
+        .update(lease_expires_at=None, attempt_log=log, **honour_cancel_request(changes))
     )
     if not won:
         return None
-    logger.warning("Call %s: %s", call.pk, changes.get("state_reason") or changes.get("error"))
-    return str(changes["state"])
+    # A cancel requested while the attempt ran turns a retry or a failure into "cancelled".
+    state = (
+        MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()
+    )
+    logger.warning(
+        "Call %s (now %s): %s", call.pk, state, changes.get("state_reason") or changes.get("error")
+    )
+    return state

@@ -346,11 +346,15 @@ def test_cancel_button_cancels_a_call_not_started_and_refuses_a_running_one(
 
     running = echo.bump()
     MethodCall.objects.filter(pk=running.pk).update(state=CallState.RUNNING, attempts=1)
-    assert 'id="asyncmodels-cancel"' not in canceller.get(_call_url(running)).content.decode()
+    assert 'id="asyncmodels-cancel">Ask to stop</button>' in canceller.get(_call_url(running)).content.decode()
     page = canceller.post(_call_url(running, "cancel"), follow=True).content.decode()
-    assert f"Call #{running.pk} was not cancelled: a worker is running it" in page
+    assert f"Asked running call #{running.pk} to stop: no further attempt will follow" in page
+    assert "asked to stop</span>" in page  # beside the state badge
+    assert 'id="asyncmodels-cancel"' not in page  # asked once
     running.refresh_from_db()
-    assert running.state == CallState.RUNNING
+    assert running.state == CallState.RUNNING and running.cancel_requested_at is not None
+    page = canceller.post(_call_url(running, "cancel"), follow=True).content.decode()
+    assert f"Call #{running.pk} was already asked to stop." in page
 
     viewer = _client_for(_staff("viewer", "view_methodcall"))
     waiting = echo.bump()

@@ -73,11 +73,13 @@ def test_cancel_inside_the_callers_transaction(instance: Instance, queued_jobs: 
     assert call.state == CallState.CANCELLED
 
 
-def test_running_call_cannot_be_cancelled_or_claimed_again(instance: Instance) -> None:
+def test_cancel_of_a_running_call_only_asks_it_to_stop(instance: Instance) -> None:
     call = instance.describe()
     MethodCall.objects.filter(pk=call.pk).update(state=CallState.RUNNING)
-    assert call.cancel() is False
-    assert call.state == CallState.RUNNING
+    assert call.cancel() is True
+    assert call.state == CallState.RUNNING  # nothing interrupts the method
+    assert call.cancel_requested_at is not None
+    assert call.state_reason == "Asked to stop while running."
 
 
 def test_str_duration_and_job_id(instance: Instance, run_worker: RunWorker) -> None:
@@ -198,3 +200,39 @@ def test_retry_on_another_database_is_pushed_when_that_database_commits(
     call.refresh_from_db()
     assert call.state == CallState.FAILED
     assert queued_jobs() == 1
+
+
+def test_a_running_call_asked_to_stop_ends_cancelled_when_its_attempt_fails(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().asked_to_stop("fail")  # retries=3 on ConnectionError
+    run_worker()
+    call.refresh_from_db()
+    assert call.state == CallState.CANCELLED  # no retry followed the failed attempt
+    assert call.attempts == 1
+    assert call.state_reason == "operator: stop this"
+    assert call.error == "a retryable failure, after the cancel request"  # the attempt's error is kept
+    assert call.cancel_requested_at is not None and call.finished_at is not None
+    assert call.run_after is None
+    assert [entry["outcome"] for entry in call.attempt_log] == ["failed"]
+
+
+def test_a_running_call_asked_to_stop_that_returns_first_succeeds_saying_so(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().asked_to_stop("return")
+    run_worker()
+    call.refresh_from_db()
+    assert (call.state, call.return_value) == (CallState.SUCCEEDED, "finished anyway")
+    assert call.state_reason == "A cancel was requested while the attempt ran, but the method finished first."
+
+
+def test_cancel_of_a_running_call_is_a_request_made_once_and_cleared_by_retry(run_worker: RunWorker) -> None:
+    call = Echo.objects.create().bump()
+    MethodCall.objects.filter(pk=call.pk).update(state=CallState.RUNNING, attempts=1)
+    call.refresh_from_db()
+    assert call.can_cancel
+    assert call.cancel(reason="stop") is True
+    assert (call.state, call.state_reason) == (CallState.RUNNING, "stop")
+    assert call.cancel_requested_at is not None and not call.can_cancel
+    assert call.cancel() is False  # asked already
+    MethodCall.objects.filter(pk=call.pk).update(state=CallState.FAILED)
+    call.refresh_from_db()
+    assert call.retry() is True
+    assert call.cancel_requested_at is None

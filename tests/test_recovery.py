@@ -132,6 +132,19 @@ def test_running_call_with_expired_lease_and_no_retries_fails_saying_the_worker_
     assert call.lease_expires_at is None and call.finished_at is not None
 
 
+def test_lost_running_call_that_was_asked_to_stop_ends_cancelled_not_retried() -> None:
+    call = Echo.objects.create().flaky(failures=0)  # retries=2
+    _claimed_then_lost(call)
+    call.refresh_from_db()
+    assert call.cancel(reason="operator: stop") is True
+    report = recover_stranded_calls()
+    assert (report.retried_lost, report.failed_lost) == (0, 0)
+    call.refresh_from_db()
+    assert (call.state, call.state_reason, call.run_after) == (CallState.CANCELLED, "operator: stop", None)
+    assert call.finished_at is not None and call.lease_expires_at is None
+    assert call.attempt_log[-1]["outcome"] == "lost"
+
+
 def test_running_call_with_expired_lease_and_retries_is_retried(run_worker: RunWorker) -> None:
     echo = Echo.objects.create()
     call = echo.flaky(failures=0)

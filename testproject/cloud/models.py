@@ -169,6 +169,15 @@ class Echo(models.Model):
     def unstorable(self) -> object:
         return object()
 
+    @async_method(retries=3, retry_backoff=1, retry_on=(ConnectionError,))
+    def asked_to_stop(self, then: str) -> str:
+        """Ask its own running call to stop (as an operator would, meanwhile), then fail or return."""
+        own = self.asked_to_stop.calls().running().get()
+        own.cancel(reason="operator: stop this")
+        if then == "fail":
+            raise ConnectionError("a retryable failure, after the cancel request")
+        return "finished anyway"
+
 
 class ChaosTask(models.Model):
     """One call of a chaos run (``manage.py chaos``): each task gets exactly one call, so the task
