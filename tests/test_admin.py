@@ -346,7 +346,8 @@ def test_cancel_button_cancels_a_call_not_started_and_refuses_a_running_one(
 
     running = echo.bump()
     MethodCall.objects.filter(pk=running.pk).update(state=CallState.RUNNING, attempts=1)
-    assert 'id="asyncmodels-cancel">Ask to stop</button>' in canceller.get(_call_url(running)).content.decode()
+    page = canceller.get(_call_url(running)).content.decode()
+    assert 'id="asyncmodels-cancel">Ask to stop</button>' in page
     page = canceller.post(_call_url(running, "cancel"), follow=True).content.decode()
     assert f"Asked running call #{running.pk} to stop: no further attempt will follow" in page
     assert "asked to stop</span>" in page  # beside the state badge
