@@ -597,3 +597,35 @@ def test_calls_on_another_database_are_listed_opened_retried_and_counted_with_db
     assert f'href="{failed_today}"' in overview
     assert staff_client.get(LIST_URL, {"db": "nonsense"}).status_code == 404
     assert staff_client.get(OVERVIEW_URL, {"db": "nonsense"}).status_code == 404
+
+
+# Another admin site: the links stay on it.
+
+
+@pytest.mark.urls("tests.custom_site_urls")
+def test_on_a_custom_admin_site_the_links_stay_on_that_site(
+    staff_client: Client, instance: Instance, run_worker: RunWorker
+) -> None:
+    call = instance.resize("huge")
+    run_worker()
+    page = staff_client.get(f"/ops/cloud/instance/{instance.pk}/change/").content.decode()
+    assert f'href="/ops/asyncmodels/methodcall/{call.pk}/change/"' in page
+    assert 'href="/ops/asyncmodels/methodcall/?object=' in page
+    listing = staff_client.get("/ops/asyncmodels/methodcall/").content.decode()
+    assert 'href="/ops/asyncmodels/methodcall/overview/"' in listing
+    detail = staff_client.get(f"/ops/asyncmodels/methodcall/{call.pk}/change/").content.decode()
+    assert f'action="/ops/asyncmodels/methodcall/{call.pk}/retry/"' in detail
+    response = staff_client.post(f"/ops/asyncmodels/methodcall/{call.pk}/retry/")
+    assert response["Location"] == f"/ops/asyncmodels/methodcall/{call.pk}/change/"
+    overview = staff_client.get("/ops/asyncmodels/methodcall/overview/").content.decode()
+    assert 'href="/ops/asyncmodels/methodcall/?state__exact=enqueued"' in overview
+    breadcrumbs = overview[overview.index('<div class="breadcrumbs">') :]
+    breadcrumbs = breadcrumbs[: breadcrumbs.index("</div>")]
+    assert '<a href="/ops/">Home</a>' in breadcrumbs
+    assert 'href="/ops/asyncmodels/"' in breadcrumbs and 'href="/ops/asyncmodels/methodcall/"' in breadcrumbs
+
+    echo = Echo.objects.create()
+    echo.bump()
+    bare = staff_client.get(f"/bare/cloud/echo/{echo.pk}/change/").content.decode()
+    assert "asyncmodels-calls-table" in bare  # the calls are shown...
+    assert "/asyncmodels/methodcall/" not in bare  # ...without links to a site that has no call pages
