@@ -54,6 +54,7 @@ class RecoveryReport:
     repushed_enqueued: int = 0
     retried_lost: int = 0
     failed_lost: int = 0
+    cancelled_lost: int = 0  # lost while asked to stop (MethodCall.cancel() on a running call)
     errors: int = 0
 
     def __add__(self, other: RecoveryReport) -> RecoveryReport:
@@ -68,13 +69,14 @@ class RecoveryReport:
             + self.repushed_enqueued
             + self.retried_lost
             + self.failed_lost
+            + self.cancelled_lost
         )
 
     def __str__(self) -> str:
         return (
             f"due pushed {self.pushed_due}, pending pushed {self.pushed_pending}, "
             f"enqueued re-pushed {self.repushed_enqueued}, lost retried {self.retried_lost}, "
-            f"lost failed {self.failed_lost}, errors {self.errors}"
+            f"lost failed {self.failed_lost}, lost cancelled {self.cancelled_lost}, errors {self.errors}"
         )
 
 
@@ -235,6 +237,8 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
             report.retried_lost += 1
         elif outcome == CallState.FAILED:
             report.failed_lost += 1
+        elif outcome == CallState.CANCELLED:
+            report.cancelled_lost += 1
     return report
 
 

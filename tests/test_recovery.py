@@ -138,7 +138,7 @@ def test_lost_running_call_that_was_asked_to_stop_ends_cancelled_not_retried() -
     call.refresh_from_db()
     assert call.cancel(reason="operator: stop") is True
     report = recover_stranded_calls()
-    assert (report.retried_lost, report.failed_lost) == (0, 0)
+    assert (report.retried_lost, report.failed_lost, report.cancelled_lost, report.total) == (0, 0, 1, 1)
     call.refresh_from_db()
     assert (call.state, call.state_reason, call.run_after) == (CallState.CANCELLED, "operator: stop", None)
     assert call.finished_at is not None and call.lease_expires_at is None
