@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
+from .context import current_call
 from .decorator import async_method
 
-__all__ = ["async_method"]
+__all__ = ["async_method", "current_call"]
 __version__ = "0.1.0.dev0"

@@ -49,5 +49,10 @@ class RegistrationError(AsyncModelsError, ImproperlyConfigured):
     """``@async_method`` was used where it cannot work: outside a model, or a registry name twice."""
 
 
+class CallCancelledError(AsyncModelsError):
+    """Raised by ``MethodCall.raise_if_cancel_requested()`` inside a running method that was asked
+    to stop; the attempt then ends, and the call ends ``cancelled`` without a retry."""
+
+
 class ConfigurationError(AsyncModelsError, ImproperlyConfigured):
     """The ``ASYNCMODELS`` setting holds an unknown key or value."""

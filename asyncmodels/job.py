@@ -36,7 +36,8 @@ from django.db.models import Case, F, TextField, Value, When
 from django.db.models.functions import Coalesce, Now
 
 from . import conf, registry, serialization
-from .exceptions import DecodingError, EncodingError
+from .context import running
+from .exceptions import CallCancelledError, DecodingError, EncodingError
 from .models import CLAIMABLE_STATES, CallState, MethodCall, honour_cancel_request
 from .options import retry_policy_from_row
 
@@ -228,7 +229,7 @@ def _run_claimed(call: MethodCall) -> None:
     entry = registry.get_method(call.method)
     atomic = bool((call.policy or {}).get("atomic"))
     try:
-        with LeaseKeeper(call):
+        with LeaseKeeper(call), running(call):
             if atomic:
                 with transaction.atomic(using=call._state.db):
                     result = function(instance, *args, **kwargs)
@@ -282,6 +283,8 @@ def _is_timeout(exc: BaseException) -> bool:
 def _outcome_of(exc: BaseException) -> str:
     if _is_timeout(exc):
         return "timed out"
+    if isinstance(exc, CallCancelledError):
+        return "cancelled"
     return "failed" if isinstance(exc, Exception) else "interrupted"
 
 

@@ -316,6 +316,30 @@ class MethodCall(models.Model):
         self.refresh_from_db()
         return won
 
+    def cancel_requested(self) -> bool:
+        """Whether this running call was asked to stop (``cancel()``): one query, reading
+        ``cancel_requested_at`` afresh from the database. For the method to check at safe points."""
+        self.cancel_requested_at = (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(pk=self.pk)
+            .values_list("cancel_requested_at", flat=True)
+            .first()
+        )
+        return self.cancel_requested_at is not None
+
+    def raise_if_cancel_requested(self) -> None:
+        """Raise ``asyncmodels.exceptions.CallCancelledError`` if the call was asked to stop.
+
+        Call it inside the method (``asyncmodels.current_call().raise_if_cancel_requested()``)
+        between steps: the attempt ends there, recorded as ``cancelled``, and the call ends
+        ``cancelled`` with no retry. One query per check.
+        """
+        if self.cancel_requested():
+            from .exceptions import CallCancelledError
+
+            raise CallCancelledError(f"Call #{self.pk} was asked to stop; it stopped at a safe point.")
+
     def retry(self, *, reason: str = "") -> bool:
         """Give a ``failed`` or ``cancelled`` call a new attempt; return ``True`` if this did.
 

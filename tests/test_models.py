@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from django.db import transaction
 
+from asyncmodels import current_call
 from asyncmodels.exceptions import UnknownQueueError
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance
@@ -236,3 +237,27 @@ def test_cancel_of_a_running_call_is_a_request_made_once_and_cleared_by_retry(ru
     call.refresh_from_db()
     assert call.retry() is True
     assert call.cancel_requested_at is None
+
+
+def test_a_method_sees_its_current_call_and_stops_at_a_safe_point_when_asked(run_worker: RunWorker) -> None:
+    assert current_call() is None  # outside a running method
+    echo = Echo.objects.create()
+    call = echo.steps(count=5, stop_after=2)
+    run_worker()
+    call.refresh_from_db()
+    echo.refresh_from_db()
+    assert echo.hits == 2  # two steps ran; it stopped before the third
+    assert (call.state, call.attempts) == (CallState.CANCELLED, 1)  # retries=3, yet no retry
+    assert call.error_type == "asyncmodels.exceptions.CallCancelledError"
+    assert call.state_reason == "operator: stop between steps"
+    assert [entry["outcome"] for entry in call.attempt_log] == ["cancelled"]
+    assert current_call() is None
+
+
+def test_a_method_not_asked_to_stop_runs_every_step(run_worker: RunWorker) -> None:
+    echo = Echo.objects.create()
+    call = echo.steps(count=3, stop_after=99)
+    run_worker()
+    call.refresh_from_db()
+    echo.refresh_from_db()
+    assert (call.state, call.return_value, echo.hits) == (CallState.SUCCEEDED, 3, 3)

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db import models
 
-from asyncmodels import async_method
+from asyncmodels import async_method, current_call
 
 
 class ProvisioningError(Exception):
@@ -168,6 +168,19 @@ class Echo(models.Model):
     @async_method()
     def unstorable(self) -> object:
         return object()
+
+    @async_method(retries=3, retry_backoff=1)
+    def steps(self, count: int, stop_after: int) -> int:
+        """Do ``count`` steps (each counted in ``hits``), checking for a stop request before each;
+        after ``stop_after`` steps it asks its own call to stop, as an operator would."""
+        call = current_call()
+        assert call is not None  # noqa: S101 (a test model: it only ever runs as a call)
+        for step in range(count):
+            if step == stop_after:
+                call.cancel(reason="operator: stop between steps")
+            call.raise_if_cancel_requested()
+            self.bump.now()
+        return count
 
     @async_method(retries=3, retry_backoff=1, retry_on=(ConnectionError,))
     def asked_to_stop(self, then: str) -> str:
