@@ -299,20 +299,33 @@ class MethodCall(models.Model):
         backoff's reason no longer applies). The object is refreshed from the database either way.
         """
         reason = reason[:2000]
-        won = self._compare_and_set(
-            CANCELLABLE_STATES,
-            state=CallState.CANCELLED,
-            finished_at=Now(),
-            state_reason=reason,
-        )
-        if not won:
-            won = (
-                type(self)
-                ._default_manager.using(self._state.db)
-                .filter(pk=self.pk, state=CallState.RUNNING, cancel_requested_at__isnull=True)
-                .update(cancel_requested_at=Now(), state_reason=reason or "Asked to stop while running.")
-                == 1
+        # One UPDATE for both cases: an attempt that fails meanwhile (running -> scheduled) is
+        # then cancelled, not missed between two statements. PostgreSQL re-checks the WHERE and
+        # the CASEs on the row as the attempt left it.
+        not_started = models.Q(state__in=CANCELLABLE_STATES)
+        running = models.Q(state=CallState.RUNNING, cancel_requested_at__isnull=True)
+
+        def per_case(if_not_started: Any, if_running: Any, field: models.Field[Any, Any]) -> models.Case:
+            return models.Case(
+                models.When(not_started, then=if_not_started), default=if_running, output_field=field
             )
+
+        won = (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(not_started | running, pk=self.pk)
+            .update(
+                state=per_case(models.Value(CallState.CANCELLED), models.F("state"), models.CharField()),
+                finished_at=per_case(Now(), models.F("finished_at"), models.DateTimeField()),
+                cancel_requested_at=per_case(models.F("cancel_requested_at"), Now(), models.DateTimeField()),
+                state_reason=per_case(
+                    models.Value(reason),
+                    models.Value(reason or "Asked to stop while running."),
+                    models.TextField(),
+                ),
+            )
+            == 1
+        )
         self.refresh_from_db()
         return won
 

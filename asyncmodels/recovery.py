@@ -264,6 +264,11 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
             "run_after": Now() + delay,
             "state_reason": f"{reason} Attempt {call.attempts + 1} of {policy.retries + 1} is due in "
             f"{delay.total_seconds():.1f} s.",
+            # The row's error is this attempt's, not an earlier one's (and says why, should a
+            # cancel request end the call here).
+            "error_type": "asyncmodels.WorkerLost",
+            "error": reason,
+            "traceback": "",
         }
     else:
         changes = {
