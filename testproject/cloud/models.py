@@ -183,6 +183,30 @@ class Echo(models.Model):
         return count
 
     @async_method(retries=3, retry_backoff=1, retry_on=(ConnectionError,))
+    def probe_plan(self, plan: list[str], seconds: float = 3.0) -> int:
+        """Count the run (hits), then act as plan[run - 1] says (the last entry repeats):
+        "return", "fail" (ConnectionError, retried), "value" (ValueError, not retried), each
+        optionally prefixed "slow" (sleep ``seconds`` first)."""
+        hits = int(self.bump.now())
+        action = plan[min(hits, len(plan)) - 1]
+        if action.startswith("slow"):
+            time.sleep(seconds)
+        if action.endswith("fail"):
+            raise ConnectionError(f"run {hits} failed")
+        if action.endswith("value"):
+            raise ValueError(f"run {hits} raised ValueError")
+        return hits
+
+    @async_method(atomic=True, retries=3, retry_backoff=1, retry_on=(ConnectionError,))
+    def probe_atomic(self, seconds: float, then: str) -> int:
+        """atomic=True: count the run inside the transaction, sleep, then "fail" or "return"."""
+        hits = int(self.bump.now())
+        time.sleep(seconds)
+        if then == "fail":
+            raise ConnectionError(f"atomic run {hits} failed")
+        return hits
+
+    @async_method(retries=3, retry_backoff=1, retry_on=(ConnectionError,))
     def asked_to_stop(self, then: str) -> str:
         """Ask its own running call to stop (as an operator would, meanwhile), then fail or return."""
         own = self.asked_to_stop.calls().running().get()
