@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .context import current_call
 from .decorator import async_method
+from .dependencies import result_of
 
-__all__ = ["async_method", "current_call"]
+__all__ = ["async_method", "current_call", "result_of"]
 __version__ = "0.1.0.dev0"

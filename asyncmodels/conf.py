@@ -26,6 +26,8 @@ DEFAULTS: Final[dict[str, Any]] = {
     "PUSH_GRACE_SECONDS": 30,
     # At most this many calls are handled per step of one recovery pass.
     "RECOVERY_BATCH_SIZE": 500,
+    # A running method's progress reports are stored at most this often per call (seconds).
+    "PROGRESS_INTERVAL_SECONDS": 1,
 }
 
 _POSITIVE_NUMBERS: Final = (
@@ -34,6 +36,7 @@ _POSITIVE_NUMBERS: Final = (
     "RECOVERY_INTERVAL_SECONDS",
     "PUSH_GRACE_SECONDS",
     "RECOVERY_BATCH_SIZE",
+    "PROGRESS_INTERVAL_SECONDS",
 )
 
 

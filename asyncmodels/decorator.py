@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import inspect
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, overload
 
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from django.db.models.functions import Now
 
-from . import conf, dispatch, registry, serialization
+from . import conf, dependencies, dispatch, exclusive, registry, serialization, tags
 from .exceptions import (
     EncodingError,
     InvalidArgumentsError,
+    InvalidDependencyError,
     InvalidOptionError,
     RegistrationError,
     UnknownQueueError,
@@ -69,6 +72,17 @@ class AsyncMethod:
             )
         return self.__get__(instance, type(instance))(*args, **kwargs)
 
+    def calls_for(self, instance: models.Model) -> MethodCallQuerySet:
+        """Calls of this method about ``instance``: made on it, or tagged with it (see
+        ``MethodCallQuerySet.for_object``), on its database. ``Instance.provision.calls_for(account)``
+        answers "which provisions of this account's instances"; chain ``.failed()`` and so on.
+        """
+        from .models import MethodCall
+
+        names = [entry.name for entry in registry.all_methods() if entry.function is self.function]
+        database = instance._state.db or "default"
+        return MethodCall.objects.using(database).for_object(instance).filter(method__in=names)
+
     @overload
     def __get__(self, instance: None, owner: type[models.Model]) -> AsyncMethod: ...
 
@@ -101,11 +115,13 @@ class BoundAsyncMethod:
         instance: models.Model,
         options: MethodOptions,
         run_after: datetime.datetime | datetime.timedelta | None = None,
+        after: tuple[Any, ...] = (),
     ) -> None:
         self.entry = entry
         self.instance = instance
         self.options = options
         self.run_after = run_after
+        self.after = after
         functools.update_wrapper(self, entry.function)
 
     def __repr__(self) -> str:
@@ -117,36 +133,56 @@ class BoundAsyncMethod:
         Returns the new ``MethodCall``: ``pending`` inside a transaction; outside one the push
         happens at once (``refresh_from_db()`` shows the current state). Raises, writing nothing:
         ``UnsavedInstanceError``, ``InvalidArgumentsError``, ``UnsupportedArgumentError``,
-        ``UnknownQueueError``. Inside ``transaction.atomic()`` the row is part of the caller's
-        transaction; a rollback leaves no row and pushes nothing.
+        ``UnknownQueueError``, ``InvalidTagError``, ``InvalidDependencyError``. Inside
+        ``transaction.atomic()`` the row is part of the caller's transaction; a rollback leaves
+        no row and pushes nothing. For a ``unique`` method, a duplicate of an unfinished call
+        returns that call and writes nothing.
         """
-        return make_call(self.entry, self.instance, args, kwargs, self.options, self.run_after)
+        return make_call(self.entry, self.instance, args, kwargs, self.options, self.run_after, self.after)
 
     def now(self, *args: Any, **kwargs: Any) -> Any:
         """Run the method here and now, without a record, and return its own result."""
         return self.entry.function(self.instance, *args, **kwargs)
 
-    def using(self, *, run_after: Any = None, **options: Any) -> BoundAsyncMethod:
+    def using(self, *, run_after: Any = None, after: Any = (), **options: Any) -> BoundAsyncMethod:
         """Return this method with options overridden for one call: ``using(queue="urgent")(...)``.
 
         ``run_after`` (``timedelta`` from now, by the database's clock, or an aware ``datetime``)
-        makes the call ``scheduled``: it is pushed once due. Any ``@async_method`` option but
-        ``retry_on`` may be overridden. Raises ``InvalidOptionError`` for an unknown option, a
-        bad value or a naive ``datetime``.
+        makes the call ``scheduled``: it is pushed once due. ``after`` (a list of ``MethodCall``
+        on the same database) makes it ``waiting`` until all of them succeeded, and cancels it
+        if one fails or is cancelled (``asyncmodels.dependencies``). Any ``@async_method``
+        option but ``retry_on``, ``tags``, ``unique`` and ``exclusive`` may be overridden.
+        Raises ``InvalidOptionError`` for an unknown option, a bad value or a naive
+        ``datetime``; ``after`` is checked when the call is made (``InvalidDependencyError``).
         """
         where = f"{self.entry.name}.using()"
         fixed = sorted(set(options) & FIXED_PER_METHOD)
         if fixed:
             raise InvalidOptionError(f"{where}: {', '.join(fixed)} is set per method, in @async_method(...).")
         merged = build_options(where, self.options, **options)
-        return BoundAsyncMethod(self.entry, self.instance, merged, _check_run_after(run_after, where))
+        if isinstance(after, (str, bytes)) or not isinstance(after, (list, tuple, set, frozenset)):
+            raise InvalidDependencyError(f"{where}: after= must be a list of MethodCall, not {after!r}.")
+        return BoundAsyncMethod(
+            self.entry,
+            self.instance,
+            merged,
+            _check_run_after(run_after, where) if run_after is not None else self.run_after,
+            (*self.after, *after),
+        )
 
     def calls(self) -> MethodCallQuerySet:
         """This object's calls of this method, newest first, on the instance's database."""
         from .models import MethodCall
 
         database = self.instance._state.db or "default"
-        return MethodCall.objects.using(database).for_object(self.instance).for_method(self.entry.name)
+        return MethodCall.objects.using(database).own_calls(self.instance).for_method(self.entry.name)
+
+    def calls_for(self, instance: models.Model) -> MethodCallQuerySet:
+        """Calls of this method made on ``instance`` or tagged with it (``AsyncMethod.calls_for``)."""
+        from .models import MethodCall
+
+        database = instance._state.db or "default"
+        return MethodCall.objects.using(database).for_object(instance).for_method(self.entry.name)
 
 
 #: The furthest ahead a call may be scheduled by a timedelta (the database adds it to its clock).
@@ -193,17 +229,24 @@ def make_call(
     kwargs: dict[str, Any],
     options: MethodOptions,
     run_after: datetime.datetime | datetime.timedelta | None = None,
+    after: tuple[Any, ...] = (),
 ) -> MethodCall:
     """Validate a call, write its ``MethodCall`` row and register the push on commit.
 
     Every check runs before the INSERT, so a refused call writes nothing. The row goes to the
     instance's own database (``instance._state.db``); the push is registered with
     ``transaction.on_commit(..., using=that database, robust=True)``, so a failing push is
-    logged and never breaks the caller's commit.
+    logged and never breaks the caller's commit. The row, its tags and its dependencies are
+    written together (one transaction, or a savepoint in the caller's).
+
+    A ``unique`` call first looks for an unfinished call with its key (one query) and returns
+    it if there is one. Otherwise it inserts in a savepoint: if a concurrent caller inserted
+    the same key first, the database's unique constraint refuses ours and that call is
+    returned instead.
     """
     from django.contrib.contenttypes.models import ContentType
 
-    from .models import CallState, MethodCall
+    from .models import CallState, MethodCall, MethodCallDependency, MethodCallTag
 
     label = f"{entry.model._meta.label}.{entry.attribute}"
     if instance._state.adding or instance.pk is None:
@@ -228,9 +271,23 @@ def make_call(
     conf.get_backend_name()  # a misconfigured backend fails here, before the INSERT
 
     database = instance._state.db or "default"
+    call_tags = tags.tags_of(options.tags, instance, label)
+    waits_for = dependencies.check_dependencies(
+        [*after, *dependencies.result_references([encoded_args, encoded_kwargs])], database, label
+    )
+    unique_key = _unique_key(entry, instance, args, kwargs, options)
+    if unique_key is not None:
+        existing = _unfinished_with_key(database, unique_key)
+        if existing is not None:
+            return existing  # the duplicate path: one query, nothing written, nothing pushed
+    if waits_for:
+        state, reason = CallState.WAITING, dependencies.waiting_reason(waits_for)
+    elif run_after is not None:
+        state, reason = CallState.SCHEDULED, ""
+    else:
+        state, reason = CallState.PENDING, ""
     content_type = ContentType.objects.db_manager(database).get_for_model(instance)
-    scheduled = run_after is not None
-    call = MethodCall.objects.using(database).create(
+    row = MethodCall(
         content_type=content_type,
         object_id=str(instance.pk),
         method=entry.name,
@@ -238,15 +295,90 @@ def make_call(
         args=encoded_args,
         kwargs=encoded_kwargs,
         policy=options.to_policy(),
-        state=CallState.SCHEDULED if scheduled else CallState.PENDING,
+        state=state,
+        state_reason=reason,
         # A delay counts from the database's clock, like every due-ness check.
         run_after=Now() + run_after if isinstance(run_after, datetime.timedelta) else run_after,
+        unique_key=unique_key,
+        exclusive_key=_exclusive_key(entry, instance, options),
     )
+
+    def write() -> MethodCall:
+        row.save(using=database, force_insert=True)
+        if call_tags:
+            MethodCallTag.objects.using(database).bulk_create(
+                MethodCallTag(call=row, tag=tag) for tag in call_tags
+            )
+        if waits_for:
+            MethodCallDependency.objects.using(database).bulk_create(
+                MethodCallDependency(call=row, depends_on_id=call_id) for call_id in waits_for
+            )
+        return row
+
+    if unique_key is not None:
+        try:
+            with transaction.atomic(using=database):  # a savepoint: a lost race stays ours to handle
+                call = write()
+        except IntegrityError:
+            existing = _unfinished_with_key(database, unique_key)
+            if existing is None:
+                raise
+            return existing
+    elif call_tags or waits_for:
+        with transaction.atomic(using=database, savepoint=False):
+            call = write()
+    else:
+        call = write()
     if isinstance(run_after, datetime.timedelta):
         call.refresh_from_db(fields=["run_after"])
 
-    dispatch.push_on_commit(call, scheduled=scheduled)
+    if state == CallState.WAITING:
+        dependencies.settle_on_commit(call)
+    else:
+        dispatch.push_on_commit(call, scheduled=state == CallState.SCHEDULED)
     return call
+
+
+def _unfinished_with_key(database: str, key: str) -> MethodCall | None:
+    from .models import UNFINISHED_STATES, MethodCall
+
+    return MethodCall.objects.using(database).filter(unique_key=key, state__in=UNFINISHED_STATES).first()
+
+
+def _unique_key(
+    entry: RegisteredMethod,
+    instance: models.Model,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: MethodOptions,
+) -> str | None:
+    """The key of a ``unique`` call: a SHA-256 of the method, the object and the named arguments'
+    encoded values (with the signature's defaults applied, so ``f()`` and ``f(size="small")``
+    are the same call when ``"small"`` is the default)."""
+    if not options.unique:
+        return None
+    values: dict[str, Any] = {}
+    if isinstance(options.unique, tuple):
+        bound = entry.signature.bind(instance, *args, **kwargs)
+        bound.apply_defaults()
+        var_keyword = next(
+            (p.name for p in entry.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
+        )
+        extra = bound.arguments.get(var_keyword, {}) if var_keyword else {}
+        for name in options.unique:
+            value = bound.arguments[name] if name in bound.arguments else extra.get(name)
+            values[name] = serialization.encode(value, path=name)
+    text = json.dumps([entry.name, str(instance.pk), values], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _exclusive_key(entry: RegisteredMethod, instance: models.Model, options: MethodOptions) -> str | None:
+    if options.exclusive is False:
+        return None
+    group = (
+        entry.name if options.exclusive is True else f"{entry.model._meta.label_lower}.{options.exclusive}"
+    )
+    return exclusive.exclusive_key(group, instance)
 
 
 @overload
@@ -264,6 +396,9 @@ def async_method(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = ...,
     timeout: datetime.timedelta | float | None = None,
     atomic: bool = False,
+    tags: Callable[[Any], Iterable[Any]] | Iterable[str] | None = None,
+    unique: bool | tuple[str, ...] = False,
+    exclusive: bool | str = False,
 ) -> Callable[[Callable[..., Any]], AsyncMethod]: ...
 
 
@@ -289,6 +424,16 @@ def async_method(
     job timeout. ``atomic`` (bool): run the method in a transaction that also records its success,
     so its database writes and the ``succeeded`` state commit together or not at all.
 
+    ``tags`` (callable given the instance, returning model instances, strings or ``None``; or a
+    list of str): recorded with each call, so ``MethodCall.objects.for_object(account)`` finds
+    calls about ``account`` made on other objects (``asyncmodels.tags``).
+    ``unique`` (``True``, or a tuple of argument names): while a call of this method on an
+    object is unfinished, calling it again (with equal values of those arguments) returns that
+    call instead of making another; a database constraint enforces it.
+    ``exclusive`` (``True``, or a group name shared by several methods of the model): calls on
+    one object never run at the same time; a call that finds the object busy waits, holding no
+    worker (``asyncmodels.exclusive``).
+
     Usable bare (``@async_method``) or with options. Raises ``RegistrationError`` at import if the
     class is not a Django model or the registry name is taken, ``InvalidOptionError`` for bad options.
     """
@@ -310,8 +455,24 @@ def async_method(
                 f"@async_method cannot decorate {func.__qualname__}: it is an async def or generator "
                 "function; decorate a plain def method."
             )
+        if isinstance(method_options.unique, tuple):
+            _check_unique_names(func, method_options.unique)
         return AsyncMethod(func, method_options, name)
 
     if function is not None:
         return decorate(function)
     return decorate
+
+
+def _check_unique_names(func: Callable[..., Any], names: tuple[str, ...]) -> None:
+    """Refuse, at import, a ``unique=(...)`` naming an argument the method does not take."""
+    parameters = list(inspect.signature(func).parameters.values())[1:]  # without self
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    unknown = [name for name in names if name not in named]
+    if unknown:
+        raise InvalidOptionError(
+            f"@async_method(unique=...) on {func.__qualname__} names {', '.join(map(repr, unknown))}, "
+            f"which it does not take (it takes: {', '.join(named) or 'no named arguments'})."
+        )

@@ -114,6 +114,9 @@ def _fail_for_unknown_queue(call: MethodCall) -> None:
     if failed:
         call.state = CallState.FAILED
         logger.error("Call %s failed: %s", call.pk, error)
+        from .dependencies import settle_dependents
+
+        settle_dependents(call)
 
 
 def _note_push_failure(call: MethodCall, exc: Exception) -> None:

@@ -56,3 +56,17 @@ class CallCancelledError(AsyncModelsError):
 
 class ConfigurationError(AsyncModelsError, ImproperlyConfigured):
     """The ``ASYNCMODELS`` setting holds an unknown key or value."""
+
+
+class InvalidTagError(CallError, TypeError):
+    """A tag (``@async_method(tags=...)`` or a ``tagged()`` lookup) is not a saved model instance
+    or a non-empty string, or the ``tags=`` callable raised."""
+
+
+class InvalidDependencyError(CallError, ValueError):
+    """``using(after=...)`` named something that cannot be waited for: not a saved ``MethodCall``,
+    a call on another database, or an unknown call."""
+
+
+class DuplicateCallError(AsyncModelsError):
+    """``MethodCall.retry()`` of a ``unique`` call while another unfinished call holds its key."""

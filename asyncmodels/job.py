@@ -26,6 +26,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import (
     DatabaseError,
+    IntegrityError,
     InterfaceError,
     OperationalError,
     close_old_connections,
@@ -35,7 +36,7 @@ from django.db import (
 from django.db.models import Case, F, TextField, Value, When
 from django.db.models.functions import Coalesce, Now
 
-from . import conf, registry, serialization
+from . import conf, exclusive, registry, serialization
 from .context import running
 from .exceptions import CallCancelledError, DecodingError, EncodingError
 from .models import CLAIMABLE_STATES, CallState, MethodCall, honour_cancel_request
@@ -86,7 +87,23 @@ def _running_under_rq() -> bool:
         return False
 
 
+#: What ``_claim`` returns when the call's exclusive key is held by a running call.
+BUSY = -1
+
+
 def _claim(call_id: int, database: str) -> int:
+    """Claim the call: 1 if this process won it, 0 if it is not claimable, ``BUSY`` if its
+    exclusive key is held (the partial unique index on running calls refused the UPDATE)."""
+    try:
+        if connections[database].in_atomic_block:  # the immediate backend inside a test's transaction
+            with transaction.atomic(using=database):
+                return _claim_update(call_id, database)
+        return _claim_update(call_id, database)
+    except IntegrityError:
+        return BUSY
+
+
+def _claim_update(call_id: int, database: str) -> int:
     lease = conf.get_duration("LEASE_SECONDS")
     return (
         MethodCall.objects.using(database)
@@ -99,6 +116,9 @@ def _claim(call_id: int, database: str) -> int:
             finished_at=None,
             lease_expires_at=Now() + lease,
             cancel_requested_at=None,
+            progress=None,
+            progress_message="",
+            progress_at=None,
             state_reason="",
             enqueued_at=Coalesce(F("enqueued_at"), Now()),
         )
@@ -135,6 +155,9 @@ def _claim_and_run(call_id: int, database: str) -> None:
             .filter(pk=call_id, state=CallState.RUNNING, worker=current_worker_name()[:255], finished_at=None)
             .count()
         )
+    if claimed == BUSY:
+        exclusive.wait_turn(call_id, database)
+        return
     if not claimed:
         logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
         return
@@ -153,7 +176,26 @@ def _claim_and_run(call_id: int, database: str) -> None:
         )
         logger.warning("Call %s could not be read and was failed: %r", call_id, exc)
         return
-    _run_claimed(call)
+    try:
+        _run_claimed(call)
+    finally:
+        after_attempt(call)
+
+
+def after_attempt(call: MethodCall) -> None:
+    """What follows the end of a running attempt (job or recovery): the next call waiting for
+    the same exclusive key is released, and calls waiting for this one are settled (released
+    if it succeeded, cancelled if it failed or was cancelled). Never raises: recovery finds
+    whatever this misses (a database failure, a killed process)."""
+    from . import dependencies
+
+    database = call._state.db or "default"
+    try:
+        if call.exclusive_key is not None:
+            exclusive.release_next(call.exclusive_key, database)
+        dependencies.settle_dependents(call)
+    except Exception:
+        logger.exception("Could not release the calls that follow call %s; recovery will.", call.pk)
 
 
 class _CannotRun(Exception):

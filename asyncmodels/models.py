@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
+
+from .tags import tag_for
 
 
 class CallState(models.TextChoices):
@@ -79,9 +81,42 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
     """Filters named after states and objects: ``MethodCall.objects.for_object(acct).failed()``."""
 
     def for_object(self, instance: models.Model) -> MethodCallQuerySet:
-        """Calls made on ``instance`` (a saved model instance), on this queryset's database."""
+        """Calls made on ``instance`` (a saved model instance) and calls tagged with it, on this
+        queryset's database: ``MethodCall.objects.for_object(account).failed()``.
+
+        One query, whatever is chained after it: the ids come from a ``UNION`` of two index
+        scans (the call's own object columns, and the tag table), so the database never reads
+        the whole table. Use ``own_calls()`` for the object's own calls only.
+        """
+        content_type = ContentType.objects.db_manager(self.db).get_for_model(instance)
+        own = (
+            MethodCall._default_manager.using(self.db)
+            .filter(content_type=content_type, object_id=str(instance.pk))
+            .order_by()
+            .values("id")
+        )
+        tagged = (
+            MethodCallTag._default_manager.using(self.db)
+            .filter(tag=tag_for(instance))
+            .order_by()
+            .values("call_id")
+        )
+        return self.filter(id__in=own.union(tagged))
+
+    def own_calls(self, instance: models.Model) -> MethodCallQuerySet:
+        """Calls made on ``instance`` itself (not those only tagged with it)."""
         content_type = ContentType.objects.db_manager(self.db).get_for_model(instance)
         return self.filter(content_type=content_type, object_id=str(instance.pk))
+
+    def tagged(self, tag: models.Model | str) -> MethodCallQuerySet:
+        """Calls carrying ``tag``: a saved model instance or a string (``"region:eu"``).
+
+        Raises ``asyncmodels.exceptions.InvalidTagError`` for anything else.
+        """
+        key = tag_for(tag)
+        return self.filter(
+            id__in=MethodCallTag._default_manager.using(self.db).filter(tag=key).values("call_id")
+        )
 
     def for_method(self, name: str) -> MethodCallQuerySet:
         """Calls of the method registered as ``name`` (``"app_label.Model.method"``)."""
@@ -89,6 +124,9 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
 
     def pending(self) -> MethodCallQuerySet:
         return self.filter(state=CallState.PENDING)
+
+    def waiting(self) -> MethodCallQuerySet:
+        return self.filter(state=CallState.WAITING)
 
     def scheduled(self) -> MethodCallQuerySet:
         return self.filter(state=CallState.SCHEDULED)
@@ -163,6 +201,27 @@ class MethodCall(models.Model):
         help_text=_("When a running call was asked to stop: it ends cancelled unless it succeeds."),
     )
 
+    # NULL, not "": the partial unique constraints below must ignore calls without a key.
+    unique_key = models.CharField(  # noqa: DJ001
+        max_length=64,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("For @async_method(unique=...): at most one unfinished call holds each key."),
+    )
+    exclusive_key = models.CharField(  # noqa: DJ001
+        max_length=255,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("For @async_method(exclusive=...): at most one running call holds each key."),
+    )
+    progress = models.FloatField(
+        null=True, blank=True, help_text=_("The running method's own report: a fraction from 0 to 1.")
+    )
+    progress_message = models.CharField(max_length=200, blank=True)
+    progress_at = models.DateTimeField(null=True, blank=True, help_text=_("When progress was last stored."))
+
     created_at = models.DateTimeField(db_default=Now())
     enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -199,6 +258,28 @@ class MethodCall(models.Model):
                 fields=["lease_expires_at"],
                 condition=models.Q(state="running"),
                 name="asyncmodels_call_lease",
+            ),
+            # Waiting calls: recovery's sweep, and the next turn on a busy exclusive key.
+            models.Index(
+                fields=["exclusive_key", "id"],
+                condition=models.Q(state="waiting"),
+                name="asyncmodels_call_waiting",
+            ),
+        )
+        constraints = (
+            # unique=...: a duplicate call finds the unfinished one instead of writing its own;
+            # two callers racing on PostgreSQL cannot both insert (README, Unique calls).
+            models.UniqueConstraint(
+                fields=["unique_key"],
+                condition=models.Q(state__in=sorted(UNFINISHED_STATES)),
+                name="asyncmodels_call_unique_unfinished",
+            ),
+            # exclusive=...: the claim of a second call on a busy object fails here, and that
+            # call waits its turn (README, Exclusive methods).
+            models.UniqueConstraint(
+                fields=["exclusive_key"],
+                condition=models.Q(state="running"),
+                name="asyncmodels_call_exclusive_running",
             ),
         )
         permissions = (
@@ -327,6 +408,10 @@ class MethodCall(models.Model):
             == 1
         )
         self.refresh_from_db()
+        if won and self.state == CallState.CANCELLED:
+            from . import dependencies
+
+            dependencies.settle_dependents(self)
         return won
 
     def cancel_requested(self) -> bool:
@@ -373,29 +458,140 @@ class MethodCall(models.Model):
         queue is no longer in ``settings.RQ_QUEUES``: the retry could only fail again.
         """
         from . import conf, dispatch
-        from .exceptions import UnknownQueueError
+        from .exceptions import DuplicateCallError, UnknownQueueError
 
         queues = conf.get_rq_queue_names()
-        won = (
-            type(self)
-            ._default_manager.using(self._state.db)
-            .filter(pk=self.pk, state__in=RETRYABLE_STATES, queue__in=queues)
-            .update(
-                state=CallState.PENDING,
-                finished_at=None,
-                run_after=None,
-                lease_expires_at=None,
-                cancel_requested_at=None,
-                state_reason=(reason or "Retried by hand.")[:2000],
+        database = self._state.db or "default"
+        # A call with dependencies waits for them again (they may have been retried too).
+        has_dependencies = MethodCallDependency._default_manager.using(database).filter(call=self.pk).exists()
+        try:
+            with transaction.atomic(using=database):  # a savepoint: the IntegrityError stays ours
+                won = (
+                    type(self)
+                    ._default_manager.using(database)
+                    .filter(pk=self.pk, state__in=RETRYABLE_STATES, queue__in=queues)
+                    .update(
+                        state=CallState.WAITING if has_dependencies else CallState.PENDING,
+                        finished_at=None,
+                        run_after=None,
+                        lease_expires_at=None,
+                        cancel_requested_at=None,
+                        progress=None,
+                        progress_message="",
+                        state_reason=(reason or "Retried by hand.")[:2000],
+                    )
+                    == 1
+                )
+        except IntegrityError:
+            duplicate = (
+                type(self)
+                ._default_manager.using(database)
+                .filter(unique_key=self.unique_key, state__in=UNFINISHED_STATES)
+                .exclude(pk=self.pk)
+                .values_list("pk", flat=True)
+                .first()
             )
-            == 1
-        )
+            if self.unique_key is None or duplicate is None:
+                raise
+            raise DuplicateCallError(
+                f"Call #{self.pk} is unique per object and arguments, and call #{duplicate} with the same "
+                "key is not finished; it was not retried."
+            ) from None
         self.refresh_from_db()
         if not won and self.state in RETRYABLE_STATES and self.queue not in queues:
             raise UnknownQueueError(
                 f"queue {self.queue!r} of call #{self.pk} is no longer in settings.RQ_QUEUES; restore it "
                 "before retrying the call."
             )
-        if won:
+        if won and self.state == CallState.WAITING:
+            from . import dependencies
+
+            dependencies.settle_on_commit(self)
+        elif won:
             dispatch.push_on_commit(self)
         return won
+
+    @property
+    def tags(self) -> list[str]:
+        """This call's tags as stored text (``"cloud.account:121"``, ``"region:eu"``); one query."""
+        return list(
+            MethodCallTag._default_manager.using(self._state.db)
+            .filter(call=self.pk)
+            .order_by("id")
+            .values_list("tag", flat=True)
+        )
+
+    def report_progress(self, fraction: float, message: str = "") -> bool:
+        """Store how far the running method is: ``fraction`` from 0.0 to 1.0, and a short message.
+
+        For the method itself, through ``asyncmodels.current_call().report_progress(0.5, "half")``.
+        Throttled: at most one write per ``PROGRESS_INTERVAL_SECONDS`` (setting, default 1 s) per
+        call object, except the first report and ``fraction == 1.0``, which are always stored, so a
+        loop may report on every item. Returns whether this report was written. ``message`` is cut
+        at 200 characters. Raises ``ValueError`` for a fraction outside 0..1 (or not a number).
+        Written only while this attempt is the running one (a compare-and-set like the job's).
+        """
+        import math
+        import time
+
+        from . import conf
+
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not math.isfinite(fraction)
+        ):
+            raise ValueError(f"progress must be a number from 0 to 1, not {fraction!r}.")
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"progress must be from 0 to 1, not {fraction!r}.")
+        message = str(message)[:200]
+        now = time.monotonic()
+        last = getattr(self, "_progress_written", None)
+        interval = conf.get_duration("PROGRESS_INTERVAL_SECONDS").total_seconds()
+        if last is not None and now - last < interval and fraction < 1:
+            return False
+        self._progress_written = now
+        self.progress, self.progress_message = float(fraction), message
+        return (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(pk=self.pk, state=CallState.RUNNING, attempts=self.attempts)
+            .update(progress=float(fraction), progress_message=message, progress_at=Now())
+            == 1
+        )
+
+
+class MethodCallTag(models.Model):
+    """One tag of one call (``@async_method(tags=...)``); see ``asyncmodels.tags``."""
+
+    call = models.ForeignKey(MethodCall, on_delete=models.CASCADE, related_name="tag_set")
+    tag = models.CharField(max_length=255, help_text=_("A model as 'app_label.model:pk', or any text."))
+
+    class Meta:
+        verbose_name = _("method call tag")
+        verbose_name_plural = _("method call tags")
+        constraints = (
+            # Also the index for_object() and tagged() read: tag first, then the call's id.
+            models.UniqueConstraint(fields=["tag", "call"], name="asyncmodels_tag_call"),
+        )
+
+    def __str__(self) -> str:
+        return self.tag
+
+
+class MethodCallDependency(models.Model):
+    """``call`` waits for ``depends_on`` to succeed (``using(after=[...])``); see ``dependencies``."""
+
+    call = models.ForeignKey(MethodCall, on_delete=models.CASCADE, related_name="dependency_set")
+    depends_on = models.ForeignKey(MethodCall, on_delete=models.CASCADE, related_name="dependent_set")
+
+    class Meta:
+        verbose_name = _("method call dependency")
+        verbose_name_plural = _("method call dependencies")
+        constraints = (
+            # Also the index of a call's own dependencies; depends_on has its foreign-key index.
+            models.UniqueConstraint(fields=["call", "depends_on"], name="asyncmodels_dependency_pair"),
+        )
+
+    def __str__(self) -> str:
+        return f"#{self.call_id} after #{self.depends_on_id}"

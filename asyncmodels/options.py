@@ -27,6 +27,11 @@ class MethodOptions:
     timeout counts when the method retries at all.
     ``timeout`` (``timedelta`` or ``None``): bounds one attempt (RQ's job timeout).
     ``atomic`` (bool): run the method in a transaction that also records its success.
+    ``tags`` (callable given the instance, or a list of str; or ``None``): what else each call
+    is about (``asyncmodels.tags``). ``unique`` (``False``, ``True``, or a tuple of argument
+    names): at most one unfinished call per object and method (and those argument values).
+    ``exclusive`` (``False``, ``True``, or a group name): calls on one object never run at the
+    same time (``asyncmodels.exclusive``).
     """
 
     queue: str = "default"
@@ -36,6 +41,9 @@ class MethodOptions:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     timeout: datetime.timedelta | None = None
     atomic: bool = False
+    tags: Any = None
+    unique: bool | tuple[str, ...] = False
+    exclusive: bool | str = False
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -54,8 +62,9 @@ class MethodOptions:
         }
 
 
-#: Options ``using()`` may not change: they cannot be stored on the row.
-FIXED_PER_METHOD = frozenset({"retry_on"})
+#: Options ``using()`` may not change: they cannot be stored on the row, or they hold for
+#: every call of the method (uniqueness and exclusivity are only as good as every call's key).
+FIXED_PER_METHOD = frozenset({"retry_on", "tags", "unique", "exclusive"})
 
 
 def build_options(where: str, base: MethodOptions | None = None, **given: Any) -> MethodOptions:
@@ -69,7 +78,8 @@ def build_options(where: str, base: MethodOptions | None = None, **given: Any) -
         raise InvalidOptionError(
             f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
         )
-    values = dataclasses.asdict(base or MethodOptions()) | given
+    base = base or MethodOptions()
+    values = {field.name: getattr(base, field.name) for field in dataclasses.fields(MethodOptions)} | given
     queue = values["queue"]
     if not isinstance(queue, str) or not queue:
         raise InvalidOptionError(f"{where}: queue must be a non-empty str, not {queue!r}.")
@@ -97,6 +107,33 @@ def build_options(where: str, base: MethodOptions | None = None, **given: Any) -
     timeout = as_timedelta(values["timeout"], name=f"{where}: timeout", allow_none=True)
     if timeout is not None and timeout.total_seconds() < 1:
         raise InvalidOptionError(f"{where}: timeout must be at least one second (RQ counts whole seconds).")
+    tags = values["tags"]
+    if tags is not None and not callable(tags):
+        if (
+            isinstance(tags, (str, bytes))
+            or not isinstance(tags, (list, tuple))
+            or not all(type(tag) is str for tag in tags)
+        ):
+            raise InvalidOptionError(
+                f"{where}: tags must be a callable (given the instance) or a list of str, not {tags!r}."
+            )
+        tags = tuple(tags)
+    unique = values["unique"]
+    if isinstance(unique, list):
+        unique = tuple(unique)
+    if not (
+        isinstance(unique, bool)
+        or (isinstance(unique, tuple) and unique and all(type(name) is str and name for name in unique))
+    ):
+        raise InvalidOptionError(
+            f"{where}: unique must be True, False or a non-empty tuple of argument names, not {unique!r}."
+        )
+    exclusive = values["exclusive"]
+    if not (isinstance(exclusive, bool) or (type(exclusive) is str and exclusive and len(exclusive) <= 100)):
+        raise InvalidOptionError(
+            f"{where}: exclusive must be True, False or a group name (a str of 1 to 100 characters), "
+            f"not {exclusive!r}."
+        )
     return MethodOptions(
         queue=queue,
         retries=retries,
@@ -105,6 +142,9 @@ def build_options(where: str, base: MethodOptions | None = None, **given: Any) -
         retry_on=retry_on,
         timeout=timeout,
         atomic=values["atomic"],
+        tags=tags,
+        unique=unique,
+        exclusive=exclusive,
     )
 
 

@@ -55,6 +55,8 @@ class RecoveryReport:
     retried_lost: int = 0
     failed_lost: int = 0
     cancelled_lost: int = 0  # lost while asked to stop (MethodCall.cancel() on a running call)
+    released_waiting: int = 0  # waiting calls whose dependencies succeeded / whose turn came
+    cancelled_waiting: int = 0  # waiting calls whose dependency failed or was cancelled
     errors: int = 0
 
     def __add__(self, other: RecoveryReport) -> RecoveryReport:
@@ -70,13 +72,17 @@ class RecoveryReport:
             + self.retried_lost
             + self.failed_lost
             + self.cancelled_lost
+            + self.released_waiting
+            + self.cancelled_waiting
         )
 
     def __str__(self) -> str:
         return (
             f"due pushed {self.pushed_due}, pending pushed {self.pushed_pending}, "
             f"enqueued re-pushed {self.repushed_enqueued}, lost retried {self.retried_lost}, "
-            f"lost failed {self.failed_lost}, lost cancelled {self.cancelled_lost}, errors {self.errors}"
+            f"lost failed {self.failed_lost}, lost cancelled {self.cancelled_lost}, "
+            f"waiting released {self.released_waiting}, waiting cancelled {self.cancelled_waiting}, "
+            f"errors {self.errors}"
         )
 
 
@@ -93,7 +99,7 @@ def recover_stranded_calls(databases: Iterable[str] | None = None) -> RecoveryRe
     """
     report = RecoveryReport()
     for database in databases if databases is not None else recovery_databases():
-        for step in (_push_due, _push_pending, _repush_lost_jobs, _end_lost_attempts):
+        for step in (_push_due, _push_pending, _repush_lost_jobs, _end_lost_attempts, _settle_waiting):
             try:
                 report += step(database)
             except StopRequested:
@@ -242,6 +248,53 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
     return report
 
 
+def _settle_waiting(database: str) -> RecoveryReport:
+    """Settle waiting calls that can move: a dependency failed or was cancelled (cancel them), or
+    all succeeded and the exclusive key is free (release them). The job does this as each call
+    ends; this catches what a killed process or a lost race left behind."""
+    from django.db.models import Exists, OuterRef
+
+    from . import dependencies
+    from .models import MethodCallDependency
+
+    links = MethodCallDependency.objects.using(database).filter(call=OuterRef("pk"))
+    doomed = Exists(links.filter(depends_on__state__in=[CallState.FAILED, CallState.CANCELLED]))
+    blocked = Exists(links.exclude(depends_on__state=CallState.SUCCEEDED))
+    busy = Exists(
+        MethodCall.objects.using(database).filter(
+            exclusive_key=OuterRef("exclusive_key"), state=CallState.RUNNING
+        )
+    )
+    movable = (
+        MethodCall.objects.using(database)
+        .filter(
+            Q(doomed) | (~Q(blocked) & (Q(exclusive_key__isnull=True) | ~Q(busy))), state=CallState.WAITING
+        )
+        .order_by("id")
+        .values_list("id", "exclusive_key")[: _batch_size()]
+    )
+    report = RecoveryReport()
+    released_keys: set[str] = set()
+    for call_id, key in movable:
+        if key is not None and key in released_keys:
+            continue  # one turn per key and pass: the others would only find it busy
+        try:
+            state = dependencies.settle(call_id, database)
+        except StopRequested:
+            raise
+        except Exception:
+            logger.exception("Could not settle waiting call %s.", call_id)
+            report.errors += 1
+            continue
+        if state == CallState.CANCELLED:
+            report.cancelled_waiting += 1
+        elif state in (CallState.PENDING, CallState.SCHEDULED, CallState.ENQUEUED):
+            report.released_waiting += 1
+            if key is not None:
+                released_keys.add(key)
+    return report
+
+
 def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None) -> str | None:
     """Retry or fail ``call``, whose running attempt lost its worker; return the new state, if any.
 
@@ -286,6 +339,9 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
     )
     if not won:
         return None
+    from .job import after_attempt
+
+    after_attempt(call)
     # A cancel requested while the attempt ran turns a retry or a failure into "cancelled".
     state = (
         MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()

@@ -16,6 +16,8 @@ tagged object ``{"__type__": <tag>, ...}``:
 ``tuple``      its items
 model          ``app_label.ModelName``, the encoded primary key and the database alias;
                decoded by reloading the row, so the worker gets a fresh copy
+result_of      a call's id and database (``asyncmodels.result_of``); decoded as that
+               call's result, read when the step runs
 =============  =====================================================================
 
 A ``dict`` whose keys include ``"__type__"`` is wrapped (tag ``dict``) so that user data can
@@ -37,6 +39,7 @@ from django.apps import apps
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import models
 
+from .dependencies import ResultOf
 from .exceptions import DecodingError, EncodingError
 
 TAG: Final = "__type__"
@@ -155,6 +158,8 @@ def _encode(value: Any, path: str, depth: int) -> JSONValue:
         return {TAG: "uuid", "value": str(value)}
     if isinstance(value, models.Model):
         return _encode_model(value, path)
+    if kind is ResultOf:
+        return {TAG: "result_of", "call": value.call_id, "db": value.database}
     if isinstance(value, enum.Enum):
         raise EncodingError(
             f"{path} is the enum member {kind.__qualname__}.{value.name}; pass its .value "
@@ -262,6 +267,8 @@ def _decode_tagged(tag: str, value: dict[str, Any]) -> Any:
         return uuid.UUID(value["value"])
     if tag == "model":
         return _decode_model(value)
+    if tag == "result_of":
+        return _decode_result_of(value)
     raise DecodingError(f"Unknown tag {tag!r} in a stored value.")
 
 
@@ -281,3 +288,31 @@ def _decode_model(value: dict[str, Any]) -> models.Model:
             f"{model._meta.label} with pk={pk!r} no longer exists (it was passed as an argument)."
         ) from exc
     return instance
+
+
+def _decode_result_of(value: dict[str, Any]) -> Any:
+    """The result of an earlier call (``asyncmodels.dependencies.result_of``), read now."""
+    from .models import CallState, MethodCall
+
+    call_id = int(value["call"])
+    row = (
+        MethodCall.objects.using(value["db"])
+        .filter(pk=call_id)
+        .values("state", "result", "result_note", "method")
+        .first()
+    )
+    if row is None:
+        raise DecodingError(
+            f"The result of call #{call_id} was passed as an argument, but that call is gone."
+        )
+    if row["state"] != CallState.SUCCEEDED:
+        raise DecodingError(
+            f"The result of call #{call_id} ({row['method']}) was passed as an argument, but that call "
+            f"is {row['state']}, not succeeded."
+        )
+    if row["result_note"]:
+        raise DecodingError(
+            f"The result of call #{call_id} ({row['method']}) was passed as an argument, but it could not "
+            f"be stored: {row['result_note']}"
+        )
+    return _decode(row["result"])

@@ -8,7 +8,8 @@ from typing import Any
 
 from django.db import models
 
-from asyncmodels import async_method, current_call
+from asyncmodels import async_method, current_call, result_of
+from asyncmodels.models import MethodCall
 
 
 class ProvisioningError(Exception):
@@ -51,6 +52,20 @@ class Instance(models.Model):
         self.size = size
         self.save(update_fields=["size"])
         return size
+
+    @async_method(queue="provisioning", unique=True, tags=lambda self: [self.account, "region:eu"])
+    def reboot(self, reason: str = "") -> str:
+        """Unique: rebooting twice before the first reboot ran is one reboot. Tagged with the
+        account, so ``MethodCall.objects.for_object(account)`` finds it."""
+        self.status = "running"
+        self.save(update_fields=["status"])
+        return f"{self.name} rebooted{': ' + reason if reason else ''}"
+
+    @async_method(unique=("setting",), tags=lambda self: [self.account])
+    def configure(self, setting: str, value: str) -> dict[str, str]:
+        """Unique per setting: a second change of the same setting while one is unfinished
+        returns the first call; a change of another setting is a call of its own."""
+        return {"setting": setting, "value": value}
 
     @async_method()
     def backup(self, seconds: float = 0.5) -> str:
@@ -214,6 +229,98 @@ class Echo(models.Model):
         if then == "fail":
             raise ConnectionError("a retryable failure, after the cancel request")
         return "finished anyway"
+
+
+class Ledger(models.Model):
+    """Exclusive methods: calls on one ledger never overlap; each run records its own times."""
+
+    name = models.CharField(max_length=100, blank=True)
+
+    def __str__(self) -> str:
+        return self.name or f"ledger {self.pk}"
+
+    @async_method(exclusive=True)
+    def settle(self, seconds: float = 0.2) -> dict[str, Any]:
+        """Exclusive per ledger: write a ``Run`` with start and end (the host's clock)."""
+        return self.record("settle", seconds)
+
+    @async_method(exclusive="books")
+    def post(self, seconds: float = 0.2) -> dict[str, Any]:
+        """In the group "books" with ``audit``: a post and an audit of one ledger never overlap."""
+        return self.record("post", seconds)
+
+    @async_method(exclusive="books")
+    def audit(self, seconds: float = 0.2) -> dict[str, Any]:
+        return self.record("audit", seconds)
+
+    def record(self, method: str, seconds: float) -> dict[str, Any]:
+        import os
+
+        run = Run.objects.using(self._state.db).create(
+            ledger=self, method=method, pid=os.getpid(), start=time.time()
+        )
+        time.sleep(seconds)
+        run.end = time.time()
+        run.save(update_fields=["end"])
+        return {"run": run.pk, "start": run.start, "end": run.end}
+
+
+class Run(models.Model):
+    """One run of a ``Ledger`` method, as its worker saw it (``time.time()`` at start and end)."""
+
+    ledger = models.ForeignKey(Ledger, on_delete=models.CASCADE, related_name="runs")
+    method = models.CharField(max_length=20)
+    pid = models.PositiveIntegerField()
+    start = models.FloatField()
+    end = models.FloatField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.method} of ledger {self.ledger_id} by pid {self.pid}"
+
+
+class Report(models.Model):
+    """A small workflow: ``build()`` makes fetch -> slice (several, in parallel) -> assemble."""
+
+    account = models.ForeignKey(
+        Account, null=True, blank=True, on_delete=models.SET_NULL, related_name="reports"
+    )
+    topic = models.CharField(max_length=100)
+    text = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return self.topic
+
+    def build(self, parts: int = 3, lines: int = 12) -> MethodCall:
+        """Make the workflow's calls (in the caller's transaction) and return the last one.
+
+        Each slice receives the fetched lines (``result_of(fetched)``) and so waits for the
+        fetch; the assembly receives every slice's result and waits for all of them.
+        """
+        fetched = self.fetch(lines)
+        slices = [self.slice(result_of(fetched), part, parts) for part in range(parts)]
+        return self.assemble(pieces=[result_of(piece) for piece in slices])
+
+    @async_method(tags=lambda self: [self.account, "workflow:report"])
+    def fetch(self, lines: int = 12) -> list[str]:
+        """Step 1: pretend to download the source."""
+        if self.topic == "broken source":
+            raise ConnectionError("the source is unreachable")
+        return [f"{self.topic}: line {number}" for number in range(1, lines + 1)]
+
+    @async_method(tags=lambda self: [self.account, "workflow:report"])
+    def slice(self, lines: list[str], part: int, parts: int) -> list[str]:
+        """Step 2 (one per part): take this part's share of the lines, upper-cased."""
+        return [line.upper() for line in lines[part::parts]]
+
+    @async_method(unique=True, tags=lambda self: [self.account, "workflow:report"])
+    def assemble(self, pieces: list[list[str]]) -> int:
+        """Step 3: join the parts into the report's text; return its number of lines."""
+        lines = sorted(
+            (line for piece in pieces for line in piece), key=lambda line: int(line.rsplit(" ", 1)[1])
+        )
+        self.text = "\n".join(lines)
+        self.save(update_fields=["text"])
+        return len(lines)
 
 
 class ChaosTask(models.Model):

@@ -1,0 +1,80 @@
+"""Exclusive methods: ``@async_method(exclusive=True)`` runs one call per object at a time.
+
+Each call of an exclusive method stores an ``exclusive_key`` naming its group (the method, or
+the group name given, for several methods that must not overlap) and its object. A partial
+unique index (``exclusive_key`` where ``state = 'running'``) lets at most one such call be
+``running``: the claim of a second one fails in the database, on PostgreSQL even when two
+workers claim at the same instant. That call is then parked ``waiting`` (no attempt is counted,
+no worker is held) and released when the running one leaves ``running``: by its own worker,
+by recovery when its lease expires, or by the next recovery pass should both miss each other.
+
+The key is only as good as the lease: a worker presumed lost (its lease expired without
+renewal) frees the key, so keep ``LEASE_SECONDS`` well above a worker's worst pause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from django.db import models
+
+logger = logging.getLogger("asyncmodels.exclusive")
+
+
+def exclusive_key(group: str, instance: models.Model) -> str:
+    """The stored key of one group on one object: ``"<group>@<app_label.model>:<pk>"``, or its
+    SHA-256 when longer than the column's 255 characters."""
+    key = f"{group}@{instance._meta.label_lower}:{instance.pk}"
+    if len(key) > 255:
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+def wait_turn(call_id: int, database: str) -> None:
+    """Park the call whose claim found its key busy: ``waiting`` until the holder leaves ``running``."""
+    from . import dependencies
+    from .models import CLAIMABLE_STATES, CallState, MethodCall
+
+    manager = MethodCall.objects.using(database)
+    key = manager.filter(pk=call_id).values_list("exclusive_key", flat=True).first()
+    holder = manager.filter(exclusive_key=key, state=CallState.RUNNING).values_list("pk", flat=True).first()
+    reason = (
+        f"Waiting for call #{holder} to finish: calls of an exclusive method run one at a time per object."
+        if holder is not None
+        else "Waiting its turn: calls of an exclusive method run one at a time per object."
+    )
+    parked = manager.filter(pk=call_id, state__in=CLAIMABLE_STATES).update(
+        state=CallState.WAITING, state_reason=reason
+    )
+    if not parked:
+        return
+    logger.info("Call %s waits: %s", call_id, reason)
+    # The holder may have finished between our failed claim and our parking, and found no one
+    # waiting: look again, now that we are visible.
+    if not manager.filter(exclusive_key=key, state=CallState.RUNNING).exists():
+        dependencies.settle(call_id, database)
+
+
+def release_next(key: str, database: str) -> None:
+    """Release the oldest call waiting for ``key`` whose dependencies are done (after the holder
+    left ``running``). Calls still waiting for dependencies are skipped."""
+    from . import dependencies
+    from .models import CallState, MethodCall
+
+    waiting = list(
+        MethodCall.objects.using(database)
+        .filter(exclusive_key=key, state=CallState.WAITING)
+        .order_by("id")
+        .values_list("pk", flat=True)[:20]
+    )
+    for call_id in waiting:
+        state = dependencies.settle(call_id, database)
+        if state == CallState.PENDING or (state == CallState.WAITING and _held(key, database)):
+            return
+
+
+def _held(key: str, database: str) -> bool:
+    from .models import CallState, MethodCall
+
+    return MethodCall.objects.using(database).filter(exclusive_key=key, state=CallState.RUNNING).exists()
