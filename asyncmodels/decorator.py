@@ -149,7 +149,7 @@ class BoundAsyncMethod:
 
         ``run_after`` (``timedelta`` from now, by the database's clock, or an aware ``datetime``)
         makes the call ``scheduled``: it is pushed once due. ``after`` (a list of ``MethodCall``
-        on the same database) makes it ``waiting`` until all of them succeeded, and cancels it
+        on the same database, or one) makes it ``waiting`` until all of them succeeded, and cancels it
         if one fails or is cancelled (``asyncmodels.dependencies``). Any ``@async_method``
         option but ``retry_on``, ``tags``, ``unique`` and ``exclusive`` may be overridden.
         Raises ``InvalidOptionError`` for an unknown option, a bad value or a naive
@@ -160,6 +160,10 @@ class BoundAsyncMethod:
         if fixed:
             raise InvalidOptionError(f"{where}: {', '.join(fixed)} is set per method, in @async_method(...).")
         merged = build_options(where, self.options, **options)
+        from .models import MethodCall
+
+        if isinstance(after, MethodCall):
+            after = (after,)  # one call: after=call_a is after=[call_a]
         if isinstance(after, (str, bytes)) or not isinstance(after, (list, tuple, set, frozenset)):
             raise InvalidDependencyError(f"{where}: after= must be a list of MethodCall, not {after!r}.")
         return BoundAsyncMethod(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -45,7 +46,7 @@ def instance(account: Account) -> Instance:
     return Instance.objects.create(account=account, name="web1")
 
 
-def _with_options(instance: Instance, attribute: str, **changes: object) -> BoundAsyncMethod:
+def _with_options(instance: Instance, attribute: str, **changes: Any) -> BoundAsyncMethod:
     """``instance.<attribute>`` with its method's options changed, for options no demo method has."""
     entry = get_method_for(type(instance), attribute)
     assert entry is not None
@@ -141,7 +142,7 @@ def test_tag_options_are_checked_at_import_and_fixed_per_method(instance: Instan
     with pytest.raises(InvalidOptionError, match="tags must be"):
         async_method(tags="region:eu")
     with pytest.raises(InvalidOptionError, match="tags must be"):
-        async_method(tags=["a", 1])
+        async_method(tags=["a", 1])  # type: ignore[list-item]
     with pytest.raises(InvalidOptionError, match="set per method"):
         instance.reboot.using(tags=["x"])
     with pytest.raises(InvalidTagError):
@@ -231,7 +232,7 @@ def test_unique_options_are_checked_at_import() -> None:
     with pytest.raises(InvalidOptionError, match="unique must be"):
         async_method(unique=())
     with pytest.raises(InvalidOptionError, match="unique must be"):
-        async_method(unique="size")
+        async_method(unique="size")  # type: ignore[call-overload]
 
     def provision(self: object, size: str = "small") -> None: ...
 
@@ -309,7 +310,7 @@ def test_exclusive_option_is_checked() -> None:
     with pytest.raises(InvalidOptionError, match="exclusive must be"):
         async_method(exclusive="")
     with pytest.raises(InvalidOptionError, match="exclusive must be"):
-        async_method(exclusive=1)
+        async_method(exclusive=1)  # type: ignore[call-overload]
 
 
 # -- dependencies and workflows ----------------------------------------------------------------
@@ -332,9 +333,10 @@ def test_a_workflow_runs_its_steps_in_order_with_earlier_results(
     for call in calls:
         call.refresh_from_db()
         assert call.state == CallState.SUCCEEDED, (call, call.error)
-    assert all(s.started_at >= fetch.finished_at for s in slices)
+    assert fetch.finished_at is not None and calls[4].started_at is not None
+    assert all(s.started_at is not None and s.started_at >= fetch.finished_at for s in slices)
     assert assemble.pk == calls[4].pk
-    assert calls[4].started_at >= max(s.finished_at for s in slices)
+    assert all(s.finished_at is not None and calls[4].started_at >= s.finished_at for s in slices)
     assert calls[4].result == 6
     report.refresh_from_db()
     assert report.text.splitlines() == [f"TIDES: LINE {n}" for n in range(1, 7)]
@@ -395,7 +397,8 @@ def test_bad_dependencies_are_refused_and_nothing_is_written(instance: Instance)
         with pytest.raises(InvalidDependencyError, match=message):
             instance.provision.using(after=after)()
     with pytest.raises(InvalidDependencyError, match="list of MethodCall"):
-        instance.provision.using(after=real)  # type: ignore[arg-type]
+        instance.provision.using(after="abc")
+    assert instance.provision.using(after=real).after == (real,)  # one call is a list of one
     with pytest.raises(InvalidDependencyError, match="on database 'default'"):
         elsewhere.describe.using(after=[real])()
     with pytest.raises(InvalidDependencyError, match="saved MethodCall"):
@@ -421,7 +424,7 @@ def test_result_of_adds_the_dependency_and_an_unstorable_result_fails_the_step(r
     passed = echo.echo(result_of(fine))
     run_worker()
     passed.refresh_from_db()
-    assert passed.result["args"] == [1]
+    assert passed.result is not None and passed.result["args"] == [1]
 
 
 def test_retrying_a_dependent_waits_for_its_dependency_again(
