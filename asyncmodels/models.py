@@ -77,6 +77,17 @@ def honour_cancel_request(changes: dict[str, Any]) -> dict[str, Any]:
     return ended
 
 
+def _content_type_of(instance: models.Model, database: str) -> Any:
+    """The content type of ``instance``'s concrete model on ``database``: from Django's cache if
+    it is there, else as a subquery, so a queryset filtering by object stays one query."""
+    opts = (instance._meta.concrete_model or type(instance))._meta
+    manager = ContentType.objects.db_manager(database)
+    cached = getattr(manager, "_cache", {}).get(database, {}).get((opts.app_label, opts.model_name))
+    if cached is not None:
+        return cached
+    return models.Subquery(manager.filter(app_label=opts.app_label, model=opts.model_name).values("pk")[:1])
+
+
 class MethodCallQuerySet(models.QuerySet["MethodCall"]):
     """Filters named after states and objects: ``MethodCall.objects.for_object(acct).failed()``."""
 
@@ -88,10 +99,9 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
         scans (the call's own object columns, and the tag table), so the database never reads
         the whole table. Use ``own_calls()`` for the object's own calls only.
         """
-        content_type = ContentType.objects.db_manager(self.db).get_for_model(instance)
         own = (
             MethodCall._default_manager.using(self.db)
-            .filter(content_type=content_type, object_id=str(instance.pk))
+            .filter(content_type=_content_type_of(instance, self.db), object_id=str(instance.pk))
             .order_by()
             .values("id")
         )
@@ -105,8 +115,7 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
 
     def own_calls(self, instance: models.Model) -> MethodCallQuerySet:
         """Calls made on ``instance`` itself (not those only tagged with it)."""
-        content_type = ContentType.objects.db_manager(self.db).get_for_model(instance)
-        return self.filter(content_type=content_type, object_id=str(instance.pk))
+        return self.filter(content_type=_content_type_of(instance, self.db), object_id=str(instance.pk))
 
     def tagged(self, tag: models.Model | str) -> MethodCallQuerySet:
         """Calls carrying ``tag``: a saved model instance or a string (``"region:eu"``).

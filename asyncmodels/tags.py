@@ -1,8 +1,8 @@
 """Tags: what else a call is about, besides its own object (``@async_method(tags=...)``).
 
 A tag is stored as text in ``MethodCallTag.tag``. A model instance becomes
-``"<app_label>.<model_name>:<pk>"`` (``"cloud.account:121"``): the model's label in lower case,
-as in Django's permissions, so the same object gets the same tag on every database. A string is
+``"<app_label>.<model_name>:<pk>"`` (``"cloud.account:121"``): the concrete model's label in
+lower case, so the same row gets the same tag on every database and through any proxy model. A string is
 stored as given (``"region:eu"``). ``MethodCall.objects.for_object(account)`` finds the calls of
 the object itself and the calls tagged with it; ``.tagged("region:eu")`` finds calls by any tag.
 """
@@ -33,7 +33,8 @@ def tag_for(value: models.Model | str) -> str:
     if isinstance(value, models.Model):
         if value._state.adding or value.pk is None:
             raise InvalidTagError(f"a tag is an unsaved {value._meta.label}; save it first.")
-        tag = f"{value._meta.label_lower}:{value.pk}"
+        concrete = value._meta.concrete_model or type(value)
+        tag = f"{concrete._meta.label_lower}:{value.pk}"  # through a proxy too, the row's own tag
     elif type(value) is str:
         tag = value
     else:
