@@ -31,8 +31,13 @@ def exclusive_key(group: str, instance: models.Model) -> str:
     return key
 
 
-def wait_turn(call_id: int, database: str) -> None:
-    """Park the call whose claim found its key busy: ``waiting`` until the holder leaves ``running``."""
+def wait_turn(call_id: int, database: str, *, may_claim_now: bool = True) -> bool:
+    """Park the call whose claim found its key busy: ``waiting`` until the holder leaves ``running``.
+
+    Returns ``True`` when the call is parked (or moved on elsewhere): the job is done with it.
+    Returns ``False`` when the holder ended between the failed claim and the parking, and the
+    call is claimable again (``may_claim_now``): the job should claim it once more.
+    """
     from . import dependencies
     from .models import CLAIMABLE_STATES, CallState, MethodCall
 
@@ -48,12 +53,18 @@ def wait_turn(call_id: int, database: str) -> None:
         state=CallState.WAITING, state_reason=reason
     )
     if not parked:
-        return
+        return True
     logger.info("Call %s waits: %s", call_id, reason)
     # The holder may have finished between our failed claim and our parking, and found no one
     # waiting: look again, now that we are visible.
-    if not manager.filter(exclusive_key=key, state=CallState.RUNNING).exists():
-        dependencies.settle(call_id, database)
+    if manager.filter(exclusive_key=key, state=CallState.RUNNING).exists():
+        return True
+    if not may_claim_now:
+        dependencies.settle(call_id, database)  # pushed again, for another worker
+        return True
+    # Back to pending (unless the holder's release moved it already): claimable by this job.
+    manager.filter(pk=call_id, state=CallState.WAITING).update(state=CallState.PENDING, state_reason="")
+    return False
 
 
 def release_next(key: str, database: str) -> None:

@@ -155,8 +155,15 @@ def _claim_and_run(call_id: int, database: str) -> None:
             .filter(pk=call_id, state=CallState.RUNNING, worker=current_worker_name()[:255], finished_at=None)
             .count()
         )
-    if claimed == BUSY:
-        exclusive.wait_turn(call_id, database)
+    for turn in range(3):
+        if claimed != BUSY:
+            break
+        # Parked waiting; if the holder ended meanwhile, claim again right here (pushing it
+        # anew would race with this very job, still running under the same RQ job id).
+        if exclusive.wait_turn(call_id, database, may_claim_now=turn < 2):
+            return
+        claimed = _claim(call_id, database)
+    else:
         return
     if not claimed:
         logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
