@@ -266,6 +266,23 @@ def test_a_call_finding_its_object_busy_waits_then_runs_when_the_holder_ends(run
     assert second.state == CallState.SUCCEEDED and second.attempts == 1
 
 
+def test_a_call_whose_holder_ended_while_it_parked_is_run_by_the_same_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncmodels import job
+
+    call = Ledger.objects.create().settle(0)
+    real_claim, answers = job._claim, [job.BUSY]  # the holder ends right after our claim failed
+
+    def claim(call_id: int, database: str) -> int:
+        return answers.pop() if answers else real_claim(call_id, database)
+
+    monkeypatch.setattr(job, "_claim", claim)
+    run_method_call(call.pk)
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED and call.attempts == 1
+
+
 def test_exclusive_groups_share_a_key_per_object() -> None:
     ledger = Ledger.objects.create()
     post, audit, settle = ledger.post(0), ledger.audit(0), ledger.settle(0)
