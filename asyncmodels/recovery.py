@@ -252,24 +252,34 @@ def _settle_waiting(database: str) -> RecoveryReport:
     """Settle waiting calls that can move: a dependency failed or was cancelled (cancel them), or
     all succeeded and the exclusive key is free (release them). The job does this as each call
     ends; this catches what a killed process or a lost race left behind."""
-    from django.db.models import Exists, OuterRef
+    from django.db.models import OuterRef, Subquery
 
     from . import dependencies
     from .models import MethodCallDependency
 
-    links = MethodCallDependency.objects.using(database).filter(call=OuterRef("pk"))
-    doomed = Exists(links.filter(depends_on__state__in=[CallState.FAILED, CallState.CANCELLED]))
-    blocked = Exists(links.exclude(depends_on__state=CallState.SUCCEEDED))
-    busy = Exists(
-        MethodCall.objects.using(database).filter(
-            exclusive_key=OuterRef("exclusive_key"), state=CallState.RUNNING
-        )
-    )
+    # Correlated scalar subqueries with LIMIT 1, read per waiting call through the dependency
+    # pair index: EXISTS under OR lets PostgreSQL hash a subplan over every failed call instead.
+    links = MethodCallDependency.objects.using(database).filter(call=OuterRef("pk")).order_by()
     movable = (
         MethodCall.objects.using(database)
-        .filter(
-            Q(doomed) | (~Q(blocked) & (Q(exclusive_key__isnull=True) | ~Q(busy))), state=CallState.WAITING
+        .filter(state=CallState.WAITING)
+        .annotate(
+            doomed_by=Subquery(
+                links.filter(depends_on__state__in=[CallState.FAILED, CallState.CANCELLED]).values(
+                    "depends_on"
+                )[:1]
+            ),
+            blocked_by=Subquery(
+                links.exclude(depends_on__state=CallState.SUCCEEDED).values("depends_on")[:1]
+            ),
+            held_by=Subquery(
+                MethodCall.objects.using(database)
+                .filter(exclusive_key=OuterRef("exclusive_key"), state=CallState.RUNNING)
+                .order_by()
+                .values("pk")[:1]
+            ),
         )
+        .filter(Q(doomed_by__isnull=False) | Q(blocked_by__isnull=True, held_by__isnull=True))
         .order_by("id")
         .values_list("id", "exclusive_key")[: _batch_size()]
     )
