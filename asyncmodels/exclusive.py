@@ -50,7 +50,7 @@ def wait_turn(call_id: int, database: str, *, may_claim_now: bool = True) -> boo
         else "Waiting its turn: calls of an exclusive method run one at a time per object."
     )
     parked = manager.filter(pk=call_id, state__in=CLAIMABLE_STATES).update(
-        state=CallState.WAITING, state_reason=reason
+        state=CallState.WAITING, state_reason=reason, waits=models.F("waits") + 1
     )
     if not parked:
         return True
@@ -81,8 +81,10 @@ def release_next(key: str, database: str) -> None:
     )
     for call_id in waiting:
         state = dependencies.settle(call_id, database)
-        if state == CallState.PENDING or (state == CallState.WAITING and _held(key, database)):
-            return
+        if state in (None, CallState.CANCELLED, CallState.SCHEDULED):
+            continue  # moved elsewhere, doomed by a dependency, or not due yet: the next one
+        if state != CallState.WAITING or _held(key, database):
+            return  # released (pushed, or already run by the immediate backend), or busy again
 
 
 def _held(key: str, database: str) -> bool:

@@ -225,6 +225,9 @@ class MethodCall(models.Model):
         editable=False,
         help_text=_("For @async_method(exclusive=...): at most one running call holds each key."),
     )
+    waits = models.PositiveIntegerField(
+        default=0, help_text=_("Times a claim found the exclusive key busy, so the call waited its turn.")
+    )
     progress = models.FloatField(
         null=True, blank=True, help_text=_("The running method's own report: a fraction from 0 to 1.")
     )
@@ -330,9 +333,12 @@ class MethodCall(models.Model):
 
     @property
     def job_id(self) -> str:
-        """The RQ job id for the next push of this call: one id per database, call and attempt."""
+        """The RQ job id for the next push of this call: one id per database, call, attempt and
+        turn waited (an exclusive call pushed again after waiting gets a new id, so the push never
+        collides with the job that found the key busy, still finishing)."""
         database = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in (self._state.db or "default"))
-        return f"asyncmodels-{database}-{self.pk}-{self.attempts + 1}"
+        turn = f"-w{self.waits}" if self.waits else ""
+        return f"asyncmodels-{database}-{self.pk}-{self.attempts + 1}{turn}"
 
     def _compare_and_set(self, from_states: frozenset[str], **changes: Any) -> bool:
         """Apply ``changes`` only if the row is still in one of ``from_states``; return whether it was."""

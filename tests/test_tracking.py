@@ -283,6 +283,27 @@ def test_a_call_whose_holder_ended_while_it_parked_is_run_by_the_same_job(
     assert call.state == CallState.SUCCEEDED and call.attempts == 1
 
 
+def test_the_end_of_a_holder_releases_one_waiting_call_at_a_time(
+    queued_jobs: Callable[..., int], run_worker: RunWorker
+) -> None:
+    ledger = Ledger.objects.create()
+    holder, *parked = [ledger.settle(0) for _ in range(4)]
+    assert _claim(holder.pk, "default") == 1
+    for call in parked:
+        run_method_call(call.pk)
+    assert MethodCall.objects.filter(state=CallState.WAITING).count() == 3
+    waited = MethodCall.objects.get(pk=parked[0].pk)
+    assert waited.waits == 1 and waited.job_id.endswith(f"-{waited.pk}-1-w1")  # a fresh RQ job id
+    MethodCall.objects.filter(pk=holder.pk).update(state=CallState.SUCCEEDED, finished_at=Now())
+    before = queued_jobs()
+    after_attempt(holder)
+    assert MethodCall.objects.filter(state=CallState.WAITING).count() == 2
+    assert MethodCall.objects.get(pk=parked[0].pk).state == CallState.ENQUEUED  # the oldest first
+    assert queued_jobs() == before + 1
+    run_worker()  # each call's end releases the next
+    assert set(MethodCall.objects.values_list("state", flat=True)) == {CallState.SUCCEEDED}
+
+
 def test_exclusive_groups_share_a_key_per_object() -> None:
     ledger = Ledger.objects.create()
     post, audit, settle = ledger.post(0), ledger.audit(0), ledger.settle(0)
