@@ -7,8 +7,12 @@ The list stays cheap on a table of millions of rows: filters take their choices 
 the registry (no ``SELECT DISTINCT``), the row count is bounded (``BoundedCountPaginator``), and
 each filter has an index that serves it in ``-id`` order.
 
-``MethodCallsAdminMixin`` puts an object's calls on its own change page:
-``class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin): ...``.
+``MethodCallsAdminMixin`` puts an object's calls on its own change page (its own calls and the
+calls tagged with it): ``class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin): ...``.
+
+The call page also shows a call's tags (each linked to the list filtered by it), its unique and
+exclusive keys, its progress, the calls it runs after and those that follow it, and, for a call
+in a workflow, every connected call in order of its steps (a walk bounded in calls and queries).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
@@ -42,9 +47,17 @@ from django.utils.text import capfirst
 from django.views.decorators.http import require_POST
 
 from . import conf, registry
-from .exceptions import UnknownQueueError
-from .models import CallState, MethodCall
+from .exceptions import InvalidTagError, UnknownQueueError
+from .models import (
+    TERMINAL_STATES,
+    CallState,
+    MethodCall,
+    MethodCallDependency,
+    MethodCallQuerySet,
+    MethodCallTag,
+)
 from .overview import OVERDUE_AFTER
+from .tags import tag_for
 
 if TYPE_CHECKING:
     from django.db.models import Model
@@ -149,8 +162,12 @@ def call_url(call: MethodCall, site_name: str = "admin") -> str:
     the page's breadcrumbs, History link and buttons stay on it too. Raises ``NoReverseMatch``
     if ``MethodCall`` is not registered on that site.
     """
-    url = reverse(f"{site_name}:asyncmodels_methodcall_change", args=[quote(call.pk)])
-    query = database_query(call._state.db or DEFAULT_DB_ALIAS)
+    return _call_page_url(call.pk, call._state.db or DEFAULT_DB_ALIAS, site_name)
+
+
+def _call_page_url(pk: int, database: str, site_name: str) -> str:
+    url = reverse(f"{site_name}:asyncmodels_methodcall_change", args=[quote(pk)])
+    query = database_query(database)
     return f"{url}?{urlencode({'_changelist_filters': urlencode(query)})}" if query else url
 
 
@@ -189,14 +206,204 @@ def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | 
     return format_html('<a href="{}">{}</a>', url, label)
 
 
+#: The call page lists at most this many calls under "Runs after", and as many under "Followed by".
+NEIGHBOURS_SHOWN = 50
+#: The call page's workflow section: at most this many calls, found in at most this many rounds
+#: (one query each) from the call outwards, reading at most this many dependency rows per round.
+WORKFLOW_MAX_CALLS = 200
+WORKFLOW_MAX_ROUNDS = 20
+WORKFLOW_MAX_EDGES = 2000
+#: The call page shows at most this many of a call's tags (a call made by the library has at most 50).
+TAGS_SHOWN = 100
+
+Neighbour = tuple[int, str, str]  # a call's id, method and state
+
+
+@dataclass
+class Workflow:
+    """The calls connected to one call by dependencies, each with its step (its topological level:
+    1 + the highest step among the calls it waits for)."""
+
+    calls: list[MethodCall]
+    steps: dict[int, int]
+    waits_for: dict[int, list[int]]
+    truncated: bool = False
+    cyclic: bool = False
+
+
+@dataclass
+class CallLinks:
+    """What the call page shows of a call's dependencies; read once per page (``call_links()``)."""
+
+    runs_after: list[Neighbour]
+    runs_after_total: int
+    followed_by: list[Neighbour]
+    followed_by_total: int
+    workflow: Workflow | None = None
+
+
+def call_links(call: MethodCall) -> CallLinks:
+    """The calls ``call`` waits for and the calls waiting for it (at most ``NEIGHBOURS_SHOWN`` of
+    each, with their totals): two queries, once per call object."""
+    cached = getattr(call, "_asyncmodels_links", None)
+    if isinstance(cached, CallLinks):
+        return cached
+    dependencies = MethodCallDependency._default_manager.using(call._state.db)
+    runs_after = list(
+        dependencies.filter(call=call.pk)
+        .order_by("depends_on_id")
+        .values_list("depends_on_id", "depends_on__method", "depends_on__state")[: NEIGHBOURS_SHOWN + 1]
+    )
+    followed_by = list(
+        dependencies.filter(depends_on=call.pk)
+        .order_by("call_id")
+        .values_list("call_id", "call__method", "call__state")[: NEIGHBOURS_SHOWN + 1]
+    )
+    links = CallLinks(
+        runs_after=runs_after[:NEIGHBOURS_SHOWN],
+        runs_after_total=len(runs_after),
+        followed_by=followed_by[:NEIGHBOURS_SHOWN],
+        followed_by_total=len(followed_by),
+    )
+    # Past the limit, count them all (a call waits for at most 1,000 calls: a bounded count).
+    if len(runs_after) > NEIGHBOURS_SHOWN:
+        links.runs_after_total = dependencies.filter(call=call.pk).count()
+    if len(followed_by) > NEIGHBOURS_SHOWN:
+        links.followed_by_total = dependencies.filter(depends_on=call.pk).count()
+    call._asyncmodels_links = links  # type: ignore[attr-defined]
+    return links
+
+
+def call_workflow(call: MethodCall) -> Workflow:
+    """The group of calls connected to ``call`` by dependencies, in both directions.
+
+    Bounded: at most ``WORKFLOW_MAX_CALLS`` calls, found in at most ``WORKFLOW_MAX_ROUNDS``
+    rounds of one query each (the dependency rows of the calls found in the previous round, at
+    most ``WORKFLOW_MAX_EDGES`` of them), then one query for the calls' rows. A larger group is
+    cut (``truncated``). Forged rows may form a cycle (the library cannot): its calls get a step
+    after all the others (``cyclic``).
+    """
+    links = call_links(call)
+    if links.workflow is not None:
+        return links.workflow
+    database = call._state.db
+    dependencies = MethodCallDependency._default_manager.using(database)
+    nodes: set[int] = {call.pk}
+    edges: set[tuple[int, int]] = set()  # (call, the call it waits for)
+    for other, _method, _state in links.runs_after:
+        nodes.add(other)
+        edges.add((call.pk, other))
+    for other, _method, _state in links.followed_by:
+        nodes.add(other)
+        edges.add((other, call.pk))
+    complete = links.runs_after_total <= NEIGHBOURS_SHOWN and links.followed_by_total <= NEIGHBOURS_SHOWN
+    frontier = (nodes - {call.pk}) if complete else set(nodes)
+    truncated = False
+    rounds = 0
+    while frontier:
+        if rounds >= WORKFLOW_MAX_ROUNDS:
+            truncated = True
+            break
+        rounds += 1
+        batch = sorted(frontier)
+        rows = list(
+            dependencies.filter(Q(call__in=batch) | Q(depends_on__in=batch))
+            .order_by("id")
+            .values_list("call_id", "depends_on_id")[: WORKFLOW_MAX_EDGES + 1]
+        )
+        if len(rows) > WORKFLOW_MAX_EDGES:
+            truncated = True
+            rows = rows[:WORKFLOW_MAX_EDGES]
+        found: set[int] = set()
+        for waiting, waited_for in rows:
+            for node in (waiting, waited_for):
+                if node in nodes:
+                    continue
+                if len(nodes) >= WORKFLOW_MAX_CALLS:
+                    truncated = True
+                    continue
+                nodes.add(node)
+                found.add(node)
+            if waiting in nodes and waited_for in nodes:
+                edges.add((waiting, waited_for))
+        frontier = found
+    calls = {
+        row.pk: row
+        for row in MethodCall._default_manager.using(database)
+        .filter(pk__in=sorted(nodes))
+        .only(
+            "id",
+            "method",
+            "state",
+            "content_type_id",
+            "object_id",
+            "created_at",
+            "started_at",
+            "finished_at",
+        )
+    }
+    waits_for: dict[int, list[int]] = {node: [] for node in calls}
+    for waiting, waited_for in sorted(edges):
+        if waiting in calls and waited_for in calls:
+            waits_for[waiting].append(waited_for)
+    steps, cyclic = _steps(waits_for)
+    ordered = sorted(calls.values(), key=lambda row: (steps[row.pk], row.pk))
+    links.workflow = Workflow(
+        calls=ordered,
+        steps=steps,
+        waits_for=waits_for,
+        truncated=truncated,
+        cyclic=cyclic,
+    )
+    return links.workflow
+
+
+def _steps(waits_for: dict[int, list[int]]) -> tuple[dict[int, int], bool]:
+    """Each call's step: 1 for a call that waits for none of the others, else 1 + the highest
+    step among those it waits for (Kahn's algorithm). Calls on a cycle (forged rows only) get the
+    step after the last; the flag says there was one."""
+    dependents: dict[int, list[int]] = {node: [] for node in waits_for}
+    remaining: dict[int, int] = {}
+    for node, earlier in waits_for.items():
+        others = {other for other in earlier if other != node}
+        remaining[node] = len(others)
+        for other in others:
+            dependents[other].append(node)
+    steps: dict[int, int] = {}
+    ready = sorted(node for node, count in remaining.items() if count == 0)
+    while ready:
+        node = ready.pop()
+        steps[node] = 1 + max((steps[other] for other in waits_for[node] if other in steps), default=0)
+        for later in dependents[node]:
+            remaining[later] -= 1
+            if remaining[later] == 0:
+                ready.append(later)
+    left = [node for node in waits_for if node not in steps]
+    last = max(steps.values(), default=0)
+    for node in left:
+        steps[node] = last + 1
+    cyclic = bool(left) or any(node in earlier for node, earlier in waits_for.items())
+    return steps, cyclic
+
+
 class MethodCallChangeList(ChangeList):
     """The call list; it sorts only by ``sortable_by``, so ``?o=`` can't ask for an unindexed
-    sort of the whole table (Django's ``sortable_by`` alone only hides the header links)."""
+    sort of the whole table (Django's ``sortable_by`` alone only hides the header links).
+
+    A query parameter holding a NUL character lists nothing: no column holds one, and PostgreSQL
+    refuses it even in a query (``?queue=a%00b`` would otherwise fail with a 500).
+    """
 
     def get_ordering_field(self, field_name: Any) -> Any:
         if self.sortable_by is not None and field_name not in self.sortable_by:
             return None
         return super().get_ordering_field(field_name)
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
+        queryset = super().get_queryset(request, exclude_parameters)  # lazy: nothing ran yet
+        if any("\x00" in value for _key, values in request.GET.lists() for value in values):
+            return queryset.none()
+        return queryset
 
 
 class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
@@ -297,6 +504,8 @@ class ModelFilter(admin.SimpleListFilter):
         if not value:
             return queryset
         app_label, _, model = str(value).partition(".")
+        if "\x00" in value:  # PostgreSQL refuses it even in the content type lookup
+            return queryset.none()
         try:  # from the content type cache: the filter is then on the indexed column, no join
             content_type = ContentType.objects.db_manager(queryset.db).get_by_natural_key(app_label, model)
         except ContentType.DoesNotExist:
@@ -304,10 +513,46 @@ class ModelFilter(admin.SimpleListFilter):
         return queryset.filter(content_type=content_type)
 
 
-class ObjectFilter(admin.SimpleListFilter):
-    """The calls of one object (``?object=<content type id>:<pk>``), as linked from its page."""
+def _valid_tag(text: str) -> str | None:
+    """``text`` if it is a tag that can be stored (and so looked up), else ``None``."""
+    try:
+        return tag_for(text)
+    except InvalidTagError:
+        return None
 
-    title = "object"
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def calls_about(
+    queryset: QuerySet[MethodCall], content_type: ContentType | int, object_id: str
+) -> QuerySet[MethodCall]:
+    """``queryset``'s calls about one object, given by content type and primary key (as text): made
+    on it, or tagged with it. ``MethodCall.objects.for_object()`` without loading the object (it
+    may be gone): the ids come from a ``UNION`` of two index scans, as there.
+    """
+    content_type_id = content_type if isinstance(content_type, int) else content_type.pk
+    own = (
+        MethodCall._default_manager.using(queryset.db)
+        .filter(content_type_id=content_type_id, object_id=object_id)
+        .order_by()
+        .values("id")
+    )
+    tag = None
+    if isinstance(content_type, ContentType):  # the tag of a model instance: "<app_label.model>:<pk>"
+        tag = _valid_tag(f"{content_type.app_label}.{content_type.model}:{object_id}")
+    if tag is None:
+        return queryset.filter(id__in=own)
+    tagged = MethodCallTag._default_manager.using(queryset.db).filter(tag=tag).order_by().values("call_id")
+    return queryset.filter(id__in=own.union(tagged))
+
+
+class ObjectFilter(admin.SimpleListFilter):
+    """The calls about one object (``?object=<content type id>:<pk>``), as linked from its page:
+    its own calls and the calls tagged with it, as ``MethodCall.objects.for_object()`` finds them."""
+
+    title = "object (own and tagged calls)"
     parameter_name = "object"
 
     def _parse(self) -> tuple[int, str] | None:
@@ -316,20 +561,27 @@ class ObjectFilter(admin.SimpleListFilter):
             return None
         if int(content_type_id) > 2**31 - 1:  # no database holds such an id (or could bind it)
             return None
+        if "\x00" in object_id:  # no column holds it (PostgreSQL refuses it even in a query)
+            return None
         return int(content_type_id), object_id
+
+    def _content_type(self, database: str, content_type_id: int) -> ContentType | None:
+        try:  # content type ids differ between databases: look it up where the calls are
+            return ContentType.objects.db_manager(database).get_for_id(content_type_id)
+        except ContentType.DoesNotExist:
+            return None
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         if self.value() is None:
             return []  # shown only while it filters
         parsed = self._parse()
+        shown = _shorten(str(self.value()))
         if parsed is None:
-            return [(str(self.value()), str(self.value()))]
-        database = model_admin.database_for(request)
-        try:  # content type ids differ between databases: look it up where the calls are
-            content_type = ContentType.objects.db_manager(database).get_for_id(parsed[0])
-        except ContentType.DoesNotExist:
-            return [(str(self.value()), str(self.value()))]
-        return [(str(self.value()), f"{capfirst(content_type.name)} {parsed[1]}")]
+            return [(str(self.value()), shown)]
+        content_type = self._content_type(model_admin.database_for(request), parsed[0])
+        if content_type is None:
+            return [(str(self.value()), shown)]
+        return [(str(self.value()), _shorten(f"{capfirst(content_type.name)} {parsed[1]}"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value() is None:
@@ -337,7 +589,50 @@ class ObjectFilter(admin.SimpleListFilter):
         parsed = self._parse()
         if parsed is None:
             return queryset.none()
-        return queryset.filter(content_type_id=parsed[0], object_id=parsed[1])
+        content_type = self._content_type(queryset.db, parsed[0])
+        return calls_about(queryset, content_type or parsed[0], parsed[1])
+
+
+class TagFilter(admin.SimpleListFilter):
+    """The calls carrying one tag (``?tag=cloud.account:7``, ``?tag=region:eu``), as
+    ``MethodCall.objects.tagged()`` finds them (an indexed subquery on the tag table).
+
+    The choices are the distinct tags among the latest ``recent_rows`` tag rows (one query that
+    reads that many entries of the tag table's primary key, newest first), at most
+    ``max_choices`` of them, and the value in use. A value that is no tag (empty, over 255
+    characters, a NUL) lists nothing.
+    """
+
+    title = "tag"
+    parameter_name = "tag"
+    recent_rows = 200
+    max_choices = 20
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        recent = (
+            MethodCallTag._default_manager.using(model_admin.database_for(request))
+            .order_by("-id")
+            .values_list("tag", flat=True)[: self.recent_rows]
+        )
+        tags: set[str] = set()
+        for tag in recent:
+            if len(tags) >= self.max_choices:
+                break
+            if _valid_tag(tag) is not None:  # a forged row's text may not even go into a URL
+                tags.add(tag)
+        choices = [(tag, _shorten(tag)) for tag in sorted(tags)]
+        value = self.value()
+        if value is not None and value not in tags:
+            choices.append((value, _shorten(value.replace("\x00", "\\x00"))))
+        return choices
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() is None:
+            return queryset
+        tag = _valid_tag(str(self.value()))
+        if tag is None:
+            return queryset.none()
+        return cast(MethodCallQuerySet, queryset).tagged(tag)
 
 
 class CreatedFilter(admin.SimpleListFilter):
@@ -504,14 +799,19 @@ def _id_list(calls: Sequence[MethodCall], limit: int = 20) -> str:
     return ids + (f" and {len(calls) - limit} more" if len(calls) > limit else "")
 
 
+TAGGED_NOTE = 'Its own calls, and calls on other objects tagged with it ("tagged").'
+
+
 class MethodCallsAdminMixin(MixinBase):
     """Show an object's method calls, newest first, on its own admin change page.
 
     Add it in one line: ``class InstanceAdmin(MethodCallsAdminMixin, admin.ModelAdmin)``. The
     calls appear as a last fieldset ("Method calls") with their state, method, times and first
     line of error, each linked to its call page, and a link to all of the object's calls in the
-    call list. ``method_calls_limit`` (int, default 10) caps how many are listed. Users without
-    view permission on method calls see nothing of it.
+    call list. They are the calls ``MethodCall.objects.for_object()`` finds: the object's own,
+    and calls on other objects tagged with it (shown with that object, marked "tagged").
+    ``method_calls_limit`` (int, default 10) caps how many are listed. Users without view
+    permission on method calls see nothing of it.
     """
 
     method_calls_limit = 10
@@ -574,15 +874,31 @@ class MethodCallsAdminMixin(MixinBase):
             list_url = calls_url(obj._state.db or DEFAULT_DB_ALIAS, site, object=object_filter_value(obj))
         except NoReverseMatch:  # MethodCall is not registered on this admin site: no links
             list_url = ""
+        own_type = ContentType.objects.db_manager(obj._state.db).get_for_model(obj).pk
+        own_id = str(obj.pk)
+        tagged = 0
+
+        def about(call: MethodCall) -> SafeString:
+            nonlocal tagged
+            if call.content_type_id == own_type and call.object_id == own_id:
+                return format_html('<span class="asyncmodels-quiet">{}</span>', "this object")
+            tagged += 1
+            return format_html(
+                '{} <span class="asyncmodels-tagged" title="{}">tagged</span>',
+                _object_link(self.admin_site, call),
+                "A call on another object, tagged with this one",
+            )
+
         rows = format_html_join(
             "",
-            '<tr><td><a href="{}">#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+            '<tr><td><a href="{}">#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
             "<td>{}</td><td>{}</td></tr>",
-            (
+            [
                 (
                     call_url(call, site) if list_url else "",
                     call.pk,
                     call.method,
+                    about(call),
                     state_badge(call.state),
                     call.attempts,
                     _format_time(call.created_at),
@@ -590,13 +906,14 @@ class MethodCallsAdminMixin(MixinBase):
                     _first_line(call.error, 80),
                 )
                 for call in shown
-            ),
+            ],
         )
         more = "all calls of this object" if len(calls) > len(shown) else "these calls in the call list"
         table = format_html(
-            '<table class="asyncmodels-calls-table"><thead><tr><th>call</th><th>method</th><th>state</th>'
-            "<th>attempts</th><th>created</th><th>finished</th><th>error</th></tr></thead>"
+            '{}<table class="asyncmodels-calls-table"><thead><tr><th>call</th><th>method</th><th>object</th>'
+            "<th>state</th><th>attempts</th><th>created</th><th>finished</th><th>error</th></tr></thead>"
             "<tbody>{}</tbody></table>",
+            format_html('<p class="asyncmodels-note">{}</p>', TAGGED_NOTE) if tagged else "",
             rows,
         )
         if not list_url:
@@ -629,6 +946,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         MethodFilter,
         ModelFilter,
         CreatedFilter,
+        TagFilter,
         ObjectFilter,
         DatabaseFilter,
     )
@@ -646,7 +964,24 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
     change_form_template = "admin/asyncmodels/methodcall/change_form.html"
     change_list_template = "admin/asyncmodels/methodcall/change_list.html"
     fieldsets = (
-        (None, {"fields": ("state_display", "state_reason", "method", "target", "queue", "related_calls")}),
+        (
+            None,
+            {
+                "fields": (
+                    "state_display",
+                    "progress_display",
+                    "state_reason",
+                    "method",
+                    "target",
+                    "queue",
+                    "unique_display",
+                    "exclusive_display",
+                    "tags_display",
+                    "related_calls",
+                )
+            },
+        ),
+        ("Workflow", {"fields": ("runs_after", "followed_by", "workflow_steps")}),
         (
             "Timing",
             {
@@ -667,7 +1002,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         ("Attempts", {"fields": ("attempts", "worker", "attempt_history")}),
         ("Options", {"fields": ("policy_json",), "classes": ("collapse",)}),
     )
-    readonly_fields = tuple(str(field) for _name, options in fieldsets for field in options["fields"])
+    readonly_fields = tuple(str(name) for _title, options in fieldsets for name in options["fields"])
 
     class Media:
         css = {"all": (ADMIN_CSS,)}
@@ -697,6 +1032,28 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         if alias not in call_databases():
             raise Http404(f"No database {alias!r} holds method calls.")
         return alias
+
+    def get_fieldsets(self, request: HttpRequest, obj: MethodCall | None = None) -> Any:
+        """The call page's sections, without the rows that say nothing about this call: progress,
+        unique, exclusive, and the workflow (shown for a call with dependencies or dependents)."""
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None:
+            return fieldsets
+        links = call_links(obj)
+        shown = {
+            "progress_display": obj.progress is not None or bool(obj.progress_message),
+            "unique_display": obj.unique_key is not None,
+            "exclusive_display": obj.exclusive_key is not None,
+            "runs_after": bool(links.runs_after),
+            "followed_by": bool(links.followed_by),
+            "workflow_steps": bool(links.runs_after or links.followed_by),
+        }
+        kept = []
+        for title, options in fieldsets:
+            fields = [name for name in options["fields"] if shown.get(str(name), True)]
+            if fields:
+                kept.append((title, {**options, "fields": fields}))
+        return kept
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return MethodCallChangeList
@@ -770,10 +1127,182 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         site = self.admin_site.name
         same_method = calls_url(database, site, object=value, method=call.method)
         return format_html(
-            '<a href="{}">all calls of this object</a> · <a href="{}">its {} calls</a>',
+            '<a href="{}">all calls of this object</a> (its own, and those tagged with it) · '
+            '<a href="{}">its {} calls</a>',
             calls_url(database, site, object=value),
             same_method,
             call.method,
+        )
+
+    @admin.display(description="progress")
+    def progress_display(self, call: MethodCall) -> SafeString | str:
+        fraction = call.progress
+        reported = f"reported {_format_time(call.progress_at)}" if call.progress_at else ""
+        message = displayable(call.progress_message)
+        if fraction is None or not math.isfinite(fraction):  # a message alone, or a forged value
+            return " · ".join(part for part in (message, reported) if part) or "-"
+        percent = f"{min(max(fraction, 0.0), 1.0) * 100:.0f}"
+        return format_html(
+            '<progress class="asyncmodels-progress" max="100" value="{}">{}%</progress> {}%{}{}',
+            percent,
+            percent,
+            percent,
+            format_html(" · {}", message) if message else "",
+            format_html(' <span class="asyncmodels-quiet">({})</span>', reported) if reported else "",
+        )
+
+    @admin.display(description="unique")
+    def unique_display(self, call: MethodCall) -> SafeString | str:
+        if call.unique_key is None:
+            return "no"
+        if call.state in TERMINAL_STATES:
+            now = "this one has finished, so the same call now makes a new one"
+        else:
+            now = "while this one is unfinished, making the same call again returns it"
+        return format_html(
+            'yes (one unfinished call per key): {}. <span class="asyncmodels-quiet">Key {}</span>',
+            now,
+            displayable(call.unique_key),
+        )
+
+    @admin.display(description="exclusive group key")
+    def exclusive_display(self, call: MethodCall) -> SafeString | str:
+        key = call.exclusive_key
+        if key is None:
+            return "-"
+        holder = (
+            MethodCall._default_manager.using(call._state.db)
+            .filter(exclusive_key=key, state=CallState.RUNNING)
+            .values_list("pk", "method")
+            .first()
+        )
+        if holder is None:
+            now = format_html("{}", "No call holds it now.")
+        elif holder[0] == call.pk:
+            now = format_html("{}", "This call holds it now.")
+        else:
+            url = _call_page_url(holder[0], call._state.db or DEFAULT_DB_ALIAS, self.admin_site.name)
+            now = format_html('Held now by <a href="{}">#{}</a> {}.', url, holder[0], holder[1])
+        return format_html(
+            "<code>{}</code>: calls with this key run one at a time. {}", displayable(key), now
+        )
+
+    @admin.display(description="tags")
+    def tags_display(self, call: MethodCall) -> SafeString | str:
+        tags = list(
+            MethodCallTag._default_manager.using(call._state.db)
+            .filter(call=call.pk)
+            .order_by("id")
+            .values_list("tag", flat=True)[: TAGS_SHOWN + 1]
+        )
+        if not tags:
+            return "none"
+        database = call._state.db or DEFAULT_DB_ALIAS
+        shown = []
+        for tag in tags[:TAGS_SHOWN]:
+            if _valid_tag(tag) is None:  # a forged row: shown, not linked
+                shown.append(format_html('<span class="asyncmodels-tag">{}</span>', displayable(tag)))
+            else:
+                url = calls_url(database, self.admin_site.name, tag=tag)
+                shown.append(
+                    format_html(
+                        '<a class="asyncmodels-tag" href="{}" title="{}">{}</a>',
+                        url,
+                        "Calls with this tag",
+                        tag,
+                    )
+                )
+        more = " and more" if len(tags) > TAGS_SHOWN else ""
+        return format_html("{}{}", format_html_join(" ", "{}", ((item,) for item in shown)), more)
+
+    def _neighbours(self, call: MethodCall, neighbours: list[Neighbour], total: int) -> SafeString:
+        database = call._state.db or DEFAULT_DB_ALIAS
+        items = format_html_join(
+            "",
+            '<li><a href="{}">#{}</a> {} {}</li>',
+            (
+                (_call_page_url(pk, database, self.admin_site.name), pk, method, state_badge(state))
+                for pk, method, state in neighbours
+            ),
+        )
+        more = (
+            format_html("<li>… and {} more</li>", total - len(neighbours)) if total > len(neighbours) else ""
+        )
+        return format_html('<ul class="asyncmodels-neighbours">{}{}</ul>', items, more)
+
+    @admin.display(description="runs after")
+    def runs_after(self, call: MethodCall) -> SafeString | str:
+        links = call_links(call)
+        if not links.runs_after:
+            return "-"
+        return self._neighbours(call, links.runs_after, links.runs_after_total)
+
+    @admin.display(description="followed by")
+    def followed_by(self, call: MethodCall) -> SafeString | str:
+        links = call_links(call)
+        if not links.followed_by:
+            return "-"
+        return self._neighbours(call, links.followed_by, links.followed_by_total)
+
+    @admin.display(description="steps, in order")
+    def workflow_steps(self, call: MethodCall) -> SafeString | str:
+        links = call_links(call)
+        if not (links.runs_after or links.followed_by):
+            return "-"
+        workflow = call_workflow(call)
+        database = call._state.db or DEFAULT_DB_ALIAS
+        site = self.admin_site.name
+
+        def after(pk: int) -> str:
+            earlier = workflow.waits_for.get(pk, [])
+            shown = ", ".join(f"#{other}" for other in earlier[:5])
+            return shown + (f" and {len(earlier) - 5} more" if len(earlier) > 5 else "") or "-"
+
+        rows = format_html_join(
+            "",
+            '<tr class="{}"><td>{}</td><td><a href="{}">#{}</a>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+            "<td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    "asyncmodels-current" if row.pk == call.pk else "",
+                    workflow.steps[row.pk],
+                    _call_page_url(row.pk, database, site),
+                    row.pk,
+                    " (this call)" if row.pk == call.pk else "",
+                    row.method,
+                    _object_link(self.admin_site, row),
+                    state_badge(row.state),
+                    after(row.pk),
+                    _format_time(row.started_at),
+                    _format_time(row.finished_at),
+                )
+                for row in workflow.calls
+            ),
+        )
+        step_count = max(workflow.steps.values(), default=0)
+        notes = []
+        if workflow.truncated:
+            notes.append(
+                f"The workflow is larger: only the {len(workflow.calls)} calls nearest to this one are "
+                "shown, and their steps count from the first of them."
+            )
+        if workflow.cyclic:
+            notes.append("Some calls wait for each other in a cycle (damaged rows); they are listed last.")
+        summary = format_html(
+            '<p class="asyncmodels-workflow-summary">{} calls in {} step{}; this call is step {}. '
+            "A call runs once every call it waits for (after) has succeeded.</p>",
+            len(workflow.calls),
+            step_count,
+            "" if step_count == 1 else "s",
+            workflow.steps.get(call.pk, "?"),
+        )
+        return format_html(
+            '{}<div class="asyncmodels-workflow-scroll"><table class="asyncmodels-workflow"><thead><tr>'
+            "<th>step</th><th>call</th><th>method</th><th>object</th><th>state</th><th>after</th>"
+            "<th>started</th><th>finished</th></tr></thead><tbody>{}</tbody></table></div>{}",
+            summary,
+            rows,
+            format_html_join("", '<p class="asyncmodels-note">{}</p>', ((note,) for note in notes)),
         )
 
     @admin.display(description="created")

@@ -3,6 +3,7 @@ overview, escaping and query counts. (The same flows in a real browser: test_adm
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from collections.abc import Callable
@@ -15,9 +16,10 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from asyncmodels.admin import BoundedCountPaginator, MethodCallsAdminMixin
-from asyncmodels.models import CallState, MethodCall
-from testproject.cloud.models import Account, Echo, Instance, Region
+from asyncmodels import admin as asyncmodels_admin
+from asyncmodels.admin import BoundedCountPaginator, MethodCallsAdminMixin, TagFilter
+from asyncmodels.models import CallState, MethodCall, MethodCallDependency, MethodCallTag
+from testproject.cloud.models import Account, Echo, Instance, Ledger, Region, Report
 
 from .conftest import RunWorker
 
@@ -172,7 +174,9 @@ def test_list_queries_do_not_grow_with_rows_and_never_count_the_whole_table(
     counts = [sql for sql in many if "COUNT(" in sql.upper()]
     assert counts, "the list shows how many calls match"
     assert all("LIMIT" in sql.upper() for sql in counts), counts  # bounded, never the whole table
-    assert len(many) <= 6, many  # session, user, bounded count, rows (with their content types)
+    # session, user, recent tags (the tag filter's choices), bounded count, rows (and their
+    # content types, when not cached yet)
+    assert len(many) <= 6, many
 
 
 def test_bounded_count_says_more_than_its_limit(
@@ -472,6 +476,349 @@ def test_object_page_still_saves_and_hides_calls_from_users_who_may_not_view_the
     assert instance.name == "again"
 
 
+# Tags: the tag filter, the object filter and the per-object section show calls tagged with an object.
+
+
+@dataclasses.dataclass
+class TaggedCalls:
+    """An account with an instance (reboot: tagged with the account and "region:eu"; configure:
+    tagged with the account; describe: no tags), the account's own call, and another account's
+    instance's reboot; all finished."""
+
+    account: Account
+    instance: Instance
+    other: Instance
+    invoice: MethodCall
+    reboot: MethodCall
+    configure: MethodCall
+    describe: MethodCall
+    other_reboot: MethodCall
+
+    @classmethod
+    def make(cls, run_worker: RunWorker) -> TaggedCalls:
+        account = Account.objects.create(name="acme")
+        instance = Instance.objects.create(account=account, name="web1")
+        other = Instance.objects.create(account=Account.objects.create(name="globex"), name="web9")
+        made = cls(
+            account=account,
+            instance=instance,
+            other=other,
+            invoice=account.send_invoice("2026-11"),
+            reboot=instance.reboot("patch"),
+            configure=instance.configure("dns", "1.1.1.1"),
+            describe=instance.describe(),
+            other_reboot=other.reboot(),
+        )
+        run_worker()
+        return made
+
+    @property
+    def all_pks(self) -> set[int]:
+        return {self.invoice.pk, self.reboot.pk, self.configure.pk, self.describe.pk, self.other_reboot.pk}
+
+
+def test_tag_filter_lists_the_calls_with_a_tag_and_offers_recent_tags(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    made = TaggedCalls.make(run_worker)
+    account = made.account
+
+    def ids(**params: str) -> set[int]:
+        response = staff_client.get(LIST_URL, params)
+        assert response.status_code == 200, params
+        return set(_row_ids(response.content.decode()))
+
+    assert ids(tag="region:eu") == {made.reboot.pk, made.other_reboot.pk}
+    assert ids(tag=f"cloud.account:{account.pk}") == {made.reboot.pk, made.configure.pk}
+    assert ids(tag=f"cloud.account:{account.pk}", method="cloud.Instance.reboot") == {made.reboot.pk}
+    assert ids(tag="no-such-tag") == set()
+    for bad in ("", " region:eu", "region:eu ", "a\x00b", "x" * 256, "x" * 5000):
+        assert ids(tag=bad) == set(), bad
+    assert ids() == made.all_pks
+
+    page = staff_client.get(LIST_URL).content.decode()
+    assert "By tag" in page
+    assert 'href="?tag=region%3Aeu"' in page
+    assert f'href="?tag=cloud.account%3A{account.pk}"' in page
+    # The value in use is offered (selected) even when it is not among the recent tags.
+    page = staff_client.get(LIST_URL, {"tag": "no-such-tag"}).content.decode()
+    assert re.search(r'<li class="selected">\s*<a href="\?tag=no-such-tag">no-such-tag</a>', page)
+
+
+def test_tag_filter_is_a_subquery_and_offers_only_recent_tags(
+    staff_client: Client, run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = TaggedCalls.make(run_worker)
+    with CaptureQueriesContext(connection) as captured:
+        assert staff_client.get(LIST_URL, {"tag": "region:eu"}).status_code == 200
+    sqls = [query["sql"].upper() for query in captured.captured_queries]
+    assert not any("DISTINCT" in sql for sql in sqls), sqls
+    recent = [sql for sql in sqls if "ASYNCMODELS_METHODCALLTAG" in sql and "LIMIT" in sql]
+    assert recent, sqls  # the choices: one bounded read of the latest tag rows
+
+    # Only the tags of the latest rows are offered: here the last call's two tags.
+    monkeypatch.setattr(TagFilter, "recent_rows", 2)
+    page = staff_client.get(LIST_URL).content.decode()
+    assert 'href="?tag=region%3Aeu"' in page
+    assert f'href="?tag=cloud.account%3A{made.other.account_id}"' in page
+    assert f'href="?tag=cloud.account%3A{made.account.pk}"' not in page
+
+
+def test_object_filter_lists_the_objects_own_calls_and_the_calls_tagged_with_it(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    made = TaggedCalls.make(run_worker)
+    account, instance = made.account, made.instance
+
+    def ids(obj: Account | Instance) -> set[int]:
+        value = asyncmodels_admin.object_filter_value(obj)
+        return set(_row_ids(staff_client.get(LIST_URL, {"object": value}).content.decode()))
+
+    assert ids(account) == {made.invoice.pk, made.reboot.pk, made.configure.pk}
+    assert ids(instance) == {made.reboot.pk, made.configure.pk, made.describe.pk}
+    assert ids(account) == set(MethodCall.objects.for_object(account).values_list("pk", flat=True))
+    assert ids(instance) == set(MethodCall.objects.for_object(instance).values_list("pk", flat=True))
+
+
+def test_object_page_marks_the_calls_only_tagged_with_it_and_links_to_the_same_calls(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    made = TaggedCalls.make(run_worker)
+    account, instance = made.account, made.instance
+    page = staff_client.get(f"/admin/cloud/account/{account.pk}/change/").content.decode()
+    rows = re.findall(
+        r"<tr><td><a href=\"/admin/asyncmodels/methodcall/(\d+)/change/\">#\d+</a>(.*?)</tr>", page
+    )
+    shown = {int(pk): cells for pk, cells in rows}
+    invoice, reboot, configure = made.invoice, made.reboot, made.configure
+    assert set(shown) == {invoice.pk, reboot.pk, configure.pk}
+    assert "this object" in shown[invoice.pk] and "tagged" not in shown[invoice.pk]
+    instance_link = f'<a href="/admin/cloud/instance/{instance.pk}/change/">Instance {instance.pk}</a>'
+    for call in (reboot, configure):
+        assert instance_link in shown[call.pk] and ">tagged</span>" in shown[call.pk]
+    assert "calls on other objects tagged with it" in page
+    link = re.search(
+        r'<a href="(/admin/asyncmodels/methodcall/\?object=[^"]+)">These calls in the call list', page
+    )
+    assert link is not None
+    listed = staff_client.get(link.group(1).replace("&amp;", "&")).content.decode()
+    assert set(_row_ids(listed)) == set(shown)
+
+    # The instance's own page: all of them are its own.
+    page = staff_client.get(f"/admin/cloud/instance/{instance.pk}/change/").content.decode()
+    assert ">tagged</span>" not in page and "calls on other objects tagged with it" not in page
+
+
+# The call page: tags, unique and exclusive keys, progress, dependencies and the workflow.
+
+
+def _workflow(run_worker: RunWorker, parts: int = 3) -> tuple[Report, list[MethodCall]]:
+    """A finished Report workflow: fetch, ``parts`` slices, assemble (in that order of ids)."""
+    report = Report.objects.create(topic="sales", account=Account.objects.create(name="acme"))
+    report.build(parts=parts)
+    run_worker()
+    calls = list(
+        MethodCall.objects.filter(object_id=str(report.pk), method__startswith="cloud.Report.").order_by("pk")
+    )
+    assert [call.state for call in calls] == [CallState.SUCCEEDED] * (parts + 2)
+    return report, calls
+
+
+def _workflow_rows(page: str) -> list[tuple[int, int]]:
+    """(step, call id) of each row of the call page's workflow table, in order."""
+    table = page[page.index('<table class="asyncmodels-workflow">') :]
+    table = table[: table.index("</table>")]
+    return [
+        (int(step), int(pk))
+        for step, pk in re.findall(
+            r'<tr class="[^"]*"><td>(\d+)</td><td><a href="/admin/asyncmodels/methodcall/(\d+)/change/">',
+            table,
+        )
+    ]
+
+
+def test_call_page_shows_tags_as_links_to_the_filtered_list(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    made = TaggedCalls.make(run_worker)
+    reboot, account = made.reboot, made.account
+    page = staff_client.get(_call_url(reboot)).content.decode()
+    assert (
+        f'<a class="asyncmodels-tag" href="/admin/asyncmodels/methodcall/?tag=cloud.account%3A{account.pk}"'
+        in page
+    )
+    assert (
+        'href="/admin/asyncmodels/methodcall/?tag=region%3Aeu" title="Calls with this tag">region:eu</a>'
+        in page
+    )
+    assert "yes (one unfinished call per key)" in page  # Instance.reboot is unique=True
+    assert "this one has finished, so the same call now makes a new one" in page
+    assert "Workflow" not in page and "field-runs_after" not in page  # no dependencies
+    assert "field-progress_display" not in page and "field-exclusive_display" not in page
+    page = staff_client.get(_call_url(made.describe)).content.decode()
+    assert re.search(r"<label>Tags:</label>\s*<div class=\"readonly\">none</div>", page)
+    assert "field-unique_display" not in page
+
+
+def test_call_page_shows_the_exclusive_key_and_its_holder(staff_client: Client) -> None:
+    ledger = Ledger.objects.create(name="books")
+    holder = ledger.settle()
+    waiting = ledger.settle()
+    MethodCall.objects.filter(pk=holder.pk).update(state=CallState.RUNNING, attempts=1)
+    MethodCall.objects.filter(pk=waiting.pk).update(state=CallState.WAITING)
+    page = staff_client.get(_call_url(waiting)).content.decode()
+    assert (
+        f"<code>cloud.Ledger.settle@cloud.ledger:{ledger.pk}</code>: calls with this key run one at a time"
+        in page
+    )
+    holder_link = f'<a href="/admin/asyncmodels/methodcall/{holder.pk}/change/">#{holder.pk}</a>'
+    assert f"Held now by {holder_link} cloud.Ledger.settle." in page
+    assert "This call holds it now." in staff_client.get(_call_url(holder)).content.decode()
+    post = ledger.post()  # the group "books" of post and audit
+    page = staff_client.get(_call_url(post)).content.decode()
+    assert f"<code>cloud.ledger.books@cloud.ledger:{ledger.pk}</code>" in page
+    assert "No call holds it now." in page
+
+
+def test_call_page_shows_progress_as_a_bar_with_its_message(staff_client: Client) -> None:
+    call = Echo.objects.create().bump()
+    MethodCall.objects.filter(pk=call.pk).update(
+        state=CallState.RUNNING,
+        attempts=1,
+        progress=0.425,
+        progress_message="<b>slice 2 of 3</b>",
+        progress_at=timezone.now(),
+    )
+    page = staff_client.get(_call_url(call)).content.decode()
+    assert '<progress class="asyncmodels-progress" max="100" value="42">42%</progress> 42%' in page
+    assert "&lt;b&gt;slice 2 of 3&lt;/b&gt;" in page and "<b>slice" not in page
+    assert "reported " in page
+
+
+def test_call_page_shows_what_a_step_runs_after_what_follows_it_and_the_workflow_in_order(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    report, calls = _workflow(run_worker)
+    fetch, slices, assemble = calls[0], calls[1:4], calls[4]
+    assert [call.method for call in calls] == ["cloud.Report.fetch"] + ["cloud.Report.slice"] * 3 + [
+        "cloud.Report.assemble"
+    ]
+    expected = [(1, fetch.pk), *((2, piece.pk) for piece in slices), (3, assemble.pk)]
+
+    page = staff_client.get(_call_url(assemble)).content.decode()
+    assert _workflow_rows(page) == expected
+    assert "5 calls in 3 steps; this call is step 3." in page
+    runs_after = page[page.index("field-runs_after") : page.index("field-workflow_steps")]
+    assert re.findall(r'href="/admin/asyncmodels/methodcall/(\d+)/change/">#', runs_after) == [
+        str(piece.pk) for piece in slices
+    ]
+    assert runs_after.count("asyncmodels-state-succeeded") == 3
+    assert "field-followed_by" not in page  # nothing waits for the last step
+    this_call = (
+        f'<a href="/admin/asyncmodels/methodcall/{assemble.pk}/change/">#{assemble.pk}</a> (this call)'
+    )
+    assert f'<tr class="asyncmodels-current"><td>3</td><td>{this_call}' in page
+    assert f"<td>#{slices[0].pk}, #{slices[1].pk}, #{slices[2].pk}</td>" in page  # what it ran after
+    assert f'<a href="/admin/cloud/report/{report.pk}/change/">Report {report.pk}</a>' in page
+
+    page = staff_client.get(_call_url(fetch)).content.decode()
+    assert _workflow_rows(page) == expected  # the same group, seen from its first step
+    assert "this call is step 1." in page and "field-runs_after" not in page
+    followed_by = page[page.index("field-followed_by") : page.index("field-workflow_steps")]
+    assert re.findall(r'href="/admin/asyncmodels/methodcall/(\d+)/change/">#', followed_by) == [
+        str(piece.pk) for piece in slices
+    ]
+
+    page = staff_client.get(_call_url(slices[1])).content.decode()
+    assert _workflow_rows(page) == expected
+    assert "this call is step 2." in page
+    runs_after = page[page.index("field-runs_after") : page.index("field-followed_by")]
+    assert f'/methodcall/{fetch.pk}/change/">#{fetch.pk}</a> cloud.Report.fetch' in runs_after
+    followed_by = page[page.index("field-followed_by") : page.index("field-workflow_steps")]
+    assert f'/methodcall/{assemble.pk}/change/">#{assemble.pk}</a> cloud.Report.assemble' in followed_by
+
+
+def test_workflow_of_a_failed_step_shows_the_cancelled_rest(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    report = Report.objects.create(topic="broken source")
+    assemble = report.build(parts=2)
+    run_worker()
+    page = staff_client.get(_call_url(assemble)).content.decode()
+    table = page[page.index('<table class="asyncmodels-workflow">') :]
+    states = re.findall(r'asyncmodels-state-(\w+)">', table[: table.index("</table>")])
+    assert states == ["failed", "cancelled", "cancelled", "cancelled"]
+
+
+def test_call_page_queries_do_not_grow_with_the_workflow(staff_client: Client, run_worker: RunWorker) -> None:
+    def page_queries(call: MethodCall) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert staff_client.get(_call_url(call)).status_code == 200
+        return len(captured.captured_queries)
+
+    _report, small = _workflow(run_worker, parts=2)
+    _report, large = _workflow(run_worker, parts=12)
+    page_queries(small[-1])  # content types cached
+    assert page_queries(small[-1]) == page_queries(large[-1])
+    assert page_queries(small[1]) == page_queries(large[1])  # a slice: both directions
+    plain = Echo.objects.create().bump()
+    with CaptureQueriesContext(connection) as captured:
+        assert staff_client.get(_call_url(plain)).status_code == 200
+    # No dependency: two reads of the dependency table (one each way), no walk.
+    walked = [query["sql"] for query in captured.captured_queries if "methodcalldependency" in query["sql"]]
+    assert len(walked) == 2, walked
+
+
+def test_runs_after_lists_a_bounded_number_of_calls_and_says_how_many_more(
+    staff_client: Client, run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _report, calls = _workflow(run_worker, parts=4)
+    monkeypatch.setattr(asyncmodels_admin, "NEIGHBOURS_SHOWN", 3)
+    page = staff_client.get(_call_url(calls[-1])).content.decode()
+    runs_after = page[page.index("field-runs_after") : page.index("field-workflow_steps")]
+    assert runs_after.count("<li><a ") == 3 and "<li>… and 1 more</li>" in runs_after
+    assert len(_workflow_rows(page)) == 6  # the workflow still has every step
+    page = staff_client.get(_call_url(calls[0])).content.decode()
+    assert "<li>… and 1 more</li>" in page and len(_workflow_rows(page)) == 6
+
+
+def test_workflow_walk_is_bounded(staff_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain longer than the walk's rounds (or calls) is cut, in a fixed number of queries."""
+    echo = Echo.objects.create()
+
+    def chain(length: int) -> list[MethodCall]:
+        calls = [echo.bump()]
+        for _ in range(length - 1):
+            calls.append(echo.bump.using(after=[calls[-1]])())
+        return calls
+
+    def page_queries(call: MethodCall) -> tuple[int, str]:
+        with CaptureQueriesContext(connection) as captured:
+            response = staff_client.get(_call_url(call))
+            assert response.status_code == 200
+        return len(captured.captured_queries), response.content.decode()
+
+    monkeypatch.setattr(asyncmodels_admin, "WORKFLOW_MAX_ROUNDS", 3)
+    short, long = chain(6), chain(15)
+    page_queries(short[0])
+    short_count, page = page_queries(short[-1])
+    assert "The workflow is larger" in page
+    assert [step for step, _pk in _workflow_rows(page)] == [1, 2, 3, 4, 5]  # 1 + 3 rounds of 1
+    long_count, page = page_queries(long[-1])
+    assert long_count == short_count
+
+    monkeypatch.setattr(asyncmodels_admin, "WORKFLOW_MAX_ROUNDS", 50)
+    monkeypatch.setattr(asyncmodels_admin, "WORKFLOW_MAX_CALLS", 4)
+    _count, page = page_queries(long[7])
+    assert len(_workflow_rows(page)) == 4 and "The workflow is larger" in page
+    monkeypatch.setattr(asyncmodels_admin, "WORKFLOW_MAX_CALLS", 200)
+    _count, page = page_queries(long[7])
+    assert [pk for _step, pk in _workflow_rows(page)] == [call.pk for call in long]
+    assert "15 calls in 15 steps; this call is step 8." in page
+    assert MethodCallDependency.objects.count() == 5 + 14
+    assert not MethodCallTag.objects.exists()
+
+
 # The overview.
 
 
@@ -597,6 +944,24 @@ def test_calls_on_another_database_are_listed_opened_retried_and_counted_with_db
     assert f'href="{failed_today}"' in overview
     assert staff_client.get(LIST_URL, {"db": "nonsense"}).status_code == 404
     assert staff_client.get(OVERVIEW_URL, {"db": "nonsense"}).status_code == 404
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_workflow_on_another_database_links_its_steps_and_tags_there(
+    staff_client: Client, run_worker: RunWorker
+) -> None:
+    report = Report.objects.using("other").create(topic="sales")
+    assemble = report.build(parts=2)
+    run_worker()
+    preserved = "_changelist_filters=db%3Dother"
+    page = staff_client.get(f"{_call_url(assemble)}?{preserved}").content.decode()
+    steps = re.findall(r'<tr class="[^"]*"><td>(\d)</td><td><a href="([^"]+)">#', page)
+    assert [step for step, _url in steps] == ["1", "2", "2", "3"]
+    assert all(url.endswith(f"/change/?{preserved}") for _step, url in steps), steps
+    assert 'href="/admin/asyncmodels/methodcall/?db=other&amp;tag=workflow%3Areport"' in page
+    listed = staff_client.get(LIST_URL, {"db": "other", "tag": "workflow:report"}).content.decode()
+    assert len(_row_ids(listed)) == 4
+    assert _row_ids(staff_client.get(LIST_URL, {"tag": "workflow:report"}).content.decode()) == []
 
 
 # Another admin site: the links stay on it.

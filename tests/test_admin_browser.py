@@ -2,8 +2,9 @@
 
 Against pytest-django's live server: a staff user logs in, filters the list to failed calls,
 opens one and reads its traceback, retries it, a worker runs it, and the page shows it
-succeeded; a user without the retry permission sees no retry button. Screenshots of the list,
-the call page, an object's page and the overview are saved under ``var/screenshots/`` (or
+succeeded; a user without the retry permission sees no retry button; a workflow's last step
+lists its steps in order, linked. Screenshots of the list, the call page, an object's page,
+a workflow and the overview are saved under ``var/screenshots/`` (or
 ``$ASYNCMODELS_SCREENSHOTS``) as artefacts to look at.
 
 Playwright's own browser download is never used. Without /usr/bin/chromium these tests are
@@ -24,7 +25,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 
 from asyncmodels.models import CallState, MethodCall
-from testproject.cloud.models import Account, Echo, Instance
+from testproject.cloud.models import Account, Echo, Instance, Report
 
 from .conftest import REPO, RunWorker
 
@@ -215,3 +216,43 @@ def test_staff_without_retry_permission_sees_no_retry_button(page: Any, run_work
     call.refresh_from_db()
     assert call.state == CallState.FAILED
     assert MethodCall.objects.count() == 1
+
+
+def test_a_workflows_last_step_lists_its_steps_in_order_with_working_links(
+    page: Any, run_worker: RunWorker
+) -> None:
+    User.objects.create_superuser("admin", "admin@example.com", "pw")
+    account = Account.objects.create(name="acme")
+    report = Report.objects.create(topic="sales", account=account)
+    assemble = report.build(parts=3)
+    run_worker()
+    calls = list(MethodCall.objects.filter(object_id=str(report.pk)).order_by("pk"))
+    assert [call.state for call in calls] == [CallState.SUCCEEDED] * 5
+    fetch = calls[0]
+
+    _log_in(page, "admin", "pw", f"/admin/asyncmodels/methodcall/{assemble.pk}/change/")
+    rows = page.locator("table.asyncmodels-workflow tbody tr")
+    assert rows.count() == 5
+    steps = [rows.nth(i).locator("td").nth(0).inner_text() for i in range(5)]
+    methods = [rows.nth(i).locator("td").nth(2).inner_text() for i in range(5)]
+    assert steps == ["1", "2", "2", "2", "3"]
+    assert methods == ["cloud.Report.fetch", *["cloud.Report.slice"] * 3, "cloud.Report.assemble"]
+    assert "(this call)" in rows.nth(4).inner_text()
+    assert page.locator(".field-runs_after li").count() == 3
+    assert page.locator(".field-tags_display a.asyncmodels-tag").count() == 2
+    _shoot(page, "call-page-workflow")
+
+    rows.nth(0).locator("a", has_text=f"#{fetch.pk}").click()  # step 1's link
+    page.wait_for_url(re.compile(rf"/methodcall/{fetch.pk}/change/"))
+    assert page.locator(".field-method .readonly").inner_text() == "cloud.Report.fetch"
+    assert page.locator(".field-followed_by li").count() == 3
+    assert "(this call)" in page.locator("table.asyncmodels-workflow tbody tr").nth(0).inner_text()
+
+    page.locator(".field-tags_display a", has_text="workflow:report").click()
+    page.wait_for_url(re.compile(r"tag=workflow%3Areport"))
+    assert page.locator("#result_list tbody tr").count() == 5
+
+    page.goto(f"/admin/cloud/account/{account.pk}/change/")  # the steps are tagged with the account
+    assert page.locator(".asyncmodels-calls-table tbody tr").count() == 5
+    assert page.locator(".asyncmodels-calls-table .asyncmodels-tagged").count() == 5
+    _shoot(page, "object-page-tagged-calls")

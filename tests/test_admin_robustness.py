@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from asyncmodels.admin import BoundedCountPaginator, MethodCallAdmin, MethodCallsAdminMixin
-from asyncmodels.models import CallState, MethodCall
+from asyncmodels.models import CallState, MethodCall, MethodCallDependency, MethodCallTag
 from asyncmodels.overview import _hour_key, _hourly
 from testproject.cloud.models import Account, Echo, Instance, Region
 
@@ -180,6 +180,38 @@ def test_xss_in_filter_parameters_and_search(staff_client: Client) -> None:
         _assert_escaped(_get_ok(staff_client, LIST_URL, params), SCRIPT, ATTR)
 
 
+def test_xss_in_tags_dependencies_progress_and_keys(staff_client: Client) -> None:
+    account = Account.objects.create(name="a")
+    instance = Instance.objects.create(account=account, name="i")
+    call = instance.describe()
+    earlier = _forged(method=SCRIPT, state=ATTR[:20])
+    later = _forged(method=ATTR, state=SCRIPT[:20])
+    MethodCallDependency.objects.create(call=call, depends_on=earlier)
+    MethodCallDependency.objects.create(call=later, depends_on=call)
+    MethodCall.objects.filter(pk=call.pk).update(
+        progress=0.5, progress_message=SCRIPT, unique_key=ATTR, exclusive_key=SCRIPT, state=CallState.RUNNING
+    )
+    MethodCallTag.objects.create(call=call, tag=SCRIPT)
+    MethodCallTag.objects.create(call=call, tag=ATTR)
+    # A call on an object whose key is markup, tagged with the account: on the account's page.
+    odd = Region.objects.create(code=ATTR[:20]).ping()  # the column holds 20 characters
+    MethodCallTag.objects.create(call=odd, tag=f"cloud.account:{account.pk}")
+    for url, params in (
+        (LIST_URL, {}),
+        (LIST_URL, {"tag": SCRIPT}),
+        (LIST_URL, {"tag": ATTR}),
+        (_call_url(call), {}),
+        (_call_url(earlier), {}),
+        (_call_url(later), {}),
+        (f"/admin/cloud/account/{account.pk}/change/", {}),
+        (f"/admin/cloud/instance/{instance.pk}/change/", {}),
+    ):
+        _assert_escaped(_get_ok(staff_client, url, params), SCRIPT, ATTR, ATTR[:20], SCRIPT[:20])
+    assert _row_ids(_get_ok(staff_client, LIST_URL, {"tag": SCRIPT})) == [call.pk]
+    page = _get_ok(staff_client, _call_url(call))
+    assert "?tag=%3Cscript%3Ealert%281%29%3C%2Fscript%3E" in page  # the tag's link, quoted
+
+
 def test_xss_in_messages_after_retry_and_cancel() -> None:
     user = User.objects.create_superuser(SCRIPT, "x@example.com", "pw")
     client = _client_for(user)
@@ -328,6 +360,19 @@ def test_overview_and_app_index_permissions() -> None:
         {"queue": ""},
         {"e": "1"},
         {"state__exact": "bogus"},
+        {"tag": ""},
+        {"tag": "x" * 5000},
+        {"tag": "a\x00b"},
+        {"tag": " padded "},
+        {"tag": SCRIPT},
+        {"object": "1:a\x00b"},
+        # NUL: no column holds one, and PostgreSQL refuses it even in a query
+        {"queue": "a\x00b"},
+        {"method": "a\x00b"},
+        {"state__exact": "a\x00b"},
+        {"model": "cloud.a\x00b"},
+        {"q": "a\x00b"},
+        {"p": "1\x00"},
     ],
     ids=lambda p: repr(p)[:40],
 )
@@ -615,6 +660,43 @@ def test_content_type_of_a_deleted_model(staff_client: Client) -> None:
     _get_ok(staff_client, OVERVIEW_URL)
     page = staff_client.post(_call_url(call, "retry"), follow=True).content.decode()
     assert "Retried call #" in page
+
+
+def test_forged_dependency_cycles_do_not_break_the_workflow(staff_client: Client) -> None:
+    """The library cannot make a cycle (a call only waits for calls that exist already); forged
+    rows can. Such calls are listed last, with a note, and the page still renders."""
+    first, second, third = (_forged(state=CallState.WAITING) for _ in range(3))
+    alone = _forged(state=CallState.WAITING)
+    for waiting, waited_for in ((first, second), (second, first), (third, first), (alone, alone)):
+        MethodCallDependency.objects.create(call=waiting, depends_on=waited_for)
+    page = _get_ok(staff_client, _call_url(third))
+    assert "wait for each other in a cycle" in page
+    assert page.count('<tr class="asyncmodels-current">') == 1
+    rows = re.findall(r'<tr class="[^"]*"><td>(\d+)</td><td><a href="[^"]*/(\d+)/change/', page)
+    assert sorted(int(pk) for _step, pk in rows) == [first.pk, second.pk, third.pk]
+    page = _get_ok(staff_client, _call_url(alone))  # waits for itself
+    assert "wait for each other in a cycle" in page
+    assert re.search(r"Runs after:</label>\s*<div class=\"readonly\"><ul", page)
+
+
+@pytest.mark.parametrize("progress", [-1.0, 2.5, float("inf"), float("-inf"), float("nan"), None])
+def test_odd_progress_values_do_not_break_the_call_page(staff_client: Client, progress: float | None) -> None:
+    call = _forged(state=CallState.RUNNING, progress=progress, progress_message="half way")
+    page = _get_ok(staff_client, _call_url(call))
+    assert "half way" in page
+    values = re.findall(r'<progress class="asyncmodels-progress" max="100" value="(\d+)"', page)
+    assert all(0 <= int(value) <= 100 for value in values), values
+
+
+def test_tag_filter_choices_skip_forged_tags_that_are_no_tags(staff_client: Client) -> None:
+    call = Echo.objects.create().bump()
+    for tag in (" padded", "", "ok:1"):
+        MethodCallTag.objects.create(call=call, tag=tag)
+    page = _get_ok(staff_client, LIST_URL)
+    assert 'href="?tag=ok%3A1"' in page
+    assert 'href="?tag=+padded"' not in page and 'href="?tag="' not in page
+    call_page = _get_ok(staff_client, _call_url(call))
+    assert '<span class="asyncmodels-tag"> padded</span>' in call_page  # shown, not linked
 
 
 def _forged_with_surrogates(**fields: Any) -> MethodCall:
