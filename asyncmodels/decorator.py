@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -159,7 +160,11 @@ class BoundAsyncMethod:
         fixed = sorted(set(options) & FIXED_PER_METHOD)
         if fixed:
             raise InvalidOptionError(f"{where}: {', '.join(fixed)} is set per method, in @async_method(...).")
-        merged = build_options(where, self.options, **options)
+        accepted = {f.name for f in dataclasses.fields(MethodOptions)} - FIXED_PER_METHOD | {
+            "run_after",
+            "after",
+        }
+        merged = build_options(where, self.options, accepted=accepted, **options)
         from .models import MethodCall
 
         if isinstance(after, MethodCall):
@@ -320,14 +325,20 @@ def make_call(
         return row
 
     if unique_key is not None:
-        try:
-            with transaction.atomic(using=database):  # a savepoint: a lost race stays ours to handle
-                call = write()
-        except IntegrityError:
-            existing = _unfinished_with_key(database, unique_key)
-            if existing is None:
-                raise
-            return existing
+        for last_try in (False, True):
+            try:
+                with transaction.atomic(using=database):  # a savepoint: a lost race stays ours
+                    call = write()
+                break
+            except IntegrityError:
+                existing = _unfinished_with_key(database, unique_key)
+                if existing is not None:
+                    return existing
+                if last_try:
+                    raise
+                # The call that won the race has finished already: the key is free again.
+                row.pk = None
+                row._state.adding = True
     elif call_tags or waits_for:
         with transaction.atomic(using=database, savepoint=False):
             call = write()
@@ -441,7 +452,12 @@ def async_method(
     Usable bare (``@async_method``) or with options. Raises ``RegistrationError`` at import if the
     class is not a Django model or the registry name is taken, ``InvalidOptionError`` for bad options.
     """
-    method_options = build_options("@async_method", queue=queue, **options)
+    method_options = build_options(
+        "@async_method",
+        accepted=[f.name for f in dataclasses.fields(MethodOptions)] + ["name"],
+        queue=queue,
+        **options,
+    )
     if name is not None and (not isinstance(name, str) or not name):
         raise InvalidOptionError(f"@async_method: name must be a non-empty str, not {name!r}.")
 

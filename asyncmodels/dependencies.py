@@ -114,10 +114,15 @@ def result_references(encoded: Any) -> list[ResultOf]:
         if isinstance(value, list):
             stack.extend(reversed(value))
         elif isinstance(value, dict):
-            if value.get(TAG) == "result_of":
-                found.append(ResultOf(int(value["call"]), str(value["db"])))
-            else:
+            tag = value.get(TAG)
+            if tag is None:
                 stack.extend(reversed(list(value.values())))
+            elif tag == "result_of":
+                found.append(ResultOf(int(value["call"]), str(value["db"])))
+            elif tag in ("dict", "tuple"):  # containers: a user's dict holding "__type__" is one
+                items = value["items"]
+                stack.extend(reversed(list(items.values()) if isinstance(items, dict) else items))
+            # any other tag is a leaf (datetime, model reference, ...)
     return found
 
 

@@ -9,8 +9,10 @@ caller's commit has already happened and must not fail because Redis is down.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import threading
 from typing import TYPE_CHECKING
 
 from . import conf
@@ -45,9 +47,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
     """
     database = call._state.db or "default"
     if conf.get_backend_name() == "immediate":
-        from .job import run_method_call
-
-        run_method_call(call.pk, database)
+        _run_immediately(call.pk, database)
         call.refresh_from_db()  # the caller may hold this very object: show it the outcome
         return True
     from rq.exceptions import DuplicateJobError
@@ -88,6 +88,28 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         return False
     call.mark_enqueued()
     return True
+
+
+_immediate = threading.local()
+
+
+def _run_immediately(call_id: int, database: str) -> None:
+    """The ``immediate`` backend: run the call here. A call pushed while another runs in this
+    thread (a workflow's next step, released as the previous one ends; a call the method made)
+    is queued and run after it, as a worker would, not inside it: a chain of any length then
+    needs no deeper stack."""
+    from .job import run_method_call
+
+    queue: collections.deque[tuple[int, str]] | None = getattr(_immediate, "queue", None)
+    if queue is not None:
+        queue.append((call_id, database))
+        return
+    queue = _immediate.queue = collections.deque([(call_id, database)])
+    try:
+        while queue:
+            run_method_call(*queue.popleft())
+    finally:
+        _immediate.queue = None
 
 
 def _fail_for_unknown_queue(call: MethodCall) -> None:

@@ -17,7 +17,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
-from .tags import tag_for
+from .tags import object_tag, tag_for
 
 
 class CallState(models.TextChoices):
@@ -107,7 +107,7 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
         )
         tagged = (
             MethodCallTag._default_manager.using(self.db)
-            .filter(tag=tag_for(instance))
+            .filter(tag=object_tag(instance))
             .order_by()
             .values("call_id")
         )
@@ -415,7 +415,7 @@ class MethodCall(models.Model):
                 finished_at=per_case(Now(), models.F("finished_at"), models.DateTimeField()),
                 cancel_requested_at=per_case(models.F("cancel_requested_at"), Now(), models.DateTimeField()),
                 state_reason=per_case(
-                    models.Value(reason),
+                    models.Value(reason or "Cancelled before it started."),
                     models.Value(reason or "Asked to stop while running."),
                     models.TextField(),
                 ),
@@ -550,16 +550,18 @@ class MethodCall(models.Model):
         import time
 
         from . import conf
+        from .job import _storable_text
 
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, (int, float))
-            or not math.isfinite(fraction)
-        ):
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
             raise ValueError(f"progress must be a number from 0 to 1, not {fraction!r}.")
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"progress must be from 0 to 1, not {fraction!r}.")
-        message = str(message)[:200]
+        try:
+            value = float(fraction)
+        except OverflowError:
+            value = math.inf
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError(f"progress must be from 0 to 1, not {str(fraction)[:40]}.")
+        fraction = value
+        message = _storable_text(str(message))[:200]  # NUL and lone surrogates escaped
         now = time.monotonic()
         last = getattr(self, "_progress_written", None)
         interval = conf.get_duration("PROGRESS_INTERVAL_SECONDS").total_seconds()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Iterable
 from typing import Any
 
 from .exceptions import InvalidOptionError
@@ -67,16 +68,20 @@ class MethodOptions:
 FIXED_PER_METHOD = frozenset({"retry_on", "tags", "unique", "exclusive"})
 
 
-def build_options(where: str, base: MethodOptions | None = None, **given: Any) -> MethodOptions:
+def build_options(
+    where: str, base: MethodOptions | None = None, *, accepted: Iterable[str] = (), **given: Any
+) -> MethodOptions:
     """Return ``base`` (or the defaults) with ``given`` applied, validated and normalised.
 
-    Raises ``InvalidOptionError`` naming ``where`` for an unknown option or a bad value.
+    Raises ``InvalidOptionError`` naming ``where`` for an unknown option or a bad value; its
+    message lists ``accepted`` (what the caller at ``where`` takes) or else every option.
     """
     known = {field.name for field in dataclasses.fields(MethodOptions)}
     unknown = sorted(set(given) - known)
     if unknown:
+        listed = sorted(accepted or known)
         raise InvalidOptionError(
-            f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
+            f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(listed)}."
         )
     base = base or MethodOptions()
     values = {field.name: getattr(base, field.name) for field in dataclasses.fields(MethodOptions)} | given

@@ -9,6 +9,7 @@ the object itself and the calls tagged with it; ``.tagged("region:eu")`` finds c
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,9 +34,8 @@ def tag_for(value: models.Model | str) -> str:
     if isinstance(value, models.Model):
         if value._state.adding or value.pk is None:
             raise InvalidTagError(f"a tag is an unsaved {value._meta.label}; save it first.")
-        concrete = value._meta.concrete_model or type(value)
-        tag = f"{concrete._meta.label_lower}:{value.pk}"  # through a proxy too, the row's own tag
-    elif type(value) is str:
+        return object_tag(value)
+    if type(value) is str:
         tag = value
     else:
         raise InvalidTagError(
@@ -54,6 +54,18 @@ def tag_for(value: models.Model | str) -> str:
     return tag
 
 
+def object_tag(instance: models.Model) -> str:
+    """The tag of a saved model instance: ``"<app_label>.<model_name>:<pk>"`` of its concrete
+    model (through a proxy too, the row's own tag). Any primary key fits: one whose tag would
+    be longer than ``MAX_TAG_LENGTH`` is replaced by its SHA-256 (``"<label>:sha256:<hex>"``)."""
+    concrete = instance._meta.concrete_model or type(instance)
+    label = concrete._meta.label_lower
+    tag = f"{label}:{instance.pk}"
+    if len(tag) > MAX_TAG_LENGTH:
+        tag = f"{label}:sha256:{hashlib.sha256(str(instance.pk).encode()).hexdigest()}"
+    return tag
+
+
 def tags_of(source: TagSource | None, instance: models.Model, label: str) -> list[str]:
     """The tags a call of ``label`` on ``instance`` carries, in order, without repeats.
 
@@ -65,7 +77,14 @@ def tags_of(source: TagSource | None, instance: models.Model, label: str) -> lis
     if source is None:
         return []
     try:
-        values = list(source(instance)) if callable(source) else list(source)
+        returned = source(instance) if callable(source) else source
+        if isinstance(returned, (str, models.Model)) or returned is None:
+            returned = [returned]  # one tag (or none) rather than a list of them
+        elif isinstance(returned, (bytes, dict)):
+            raise InvalidTagError(
+                f"{label}(): tags= must give a list of tags, not a {type(returned).__name__}."
+            )
+        values = list(returned)
     except InvalidTagError:
         raise
     except Exception as exc:

@@ -526,3 +526,14 @@ def test_progress_reports_are_checked_throttled_and_stored_while_running(
     MethodCall.objects.filter(pk=call.pk).update(state=CallState.SUCCEEDED)
     stale = MethodCall.objects.get(pk=call.pk)
     assert stale.report_progress(0.5) is False  # not running: not written
+
+
+def test_unknown_option_errors_list_what_that_place_accepts(instance: Instance) -> None:
+    with pytest.raises(InvalidOptionError) as using_error:
+        instance.reboot.using(name="x")
+    known = str(using_error.value).split("known: ")[1].rstrip(".").split(", ")
+    assert {"after", "run_after", "queue", "retries"} <= set(known)
+    assert not {"tags", "unique", "exclusive", "retry_on", "name"} & set(known)
+    with pytest.raises(InvalidOptionError) as decorator_error:
+        async_method(queu="x")
+    assert "name" in str(decorator_error.value).split("known: ")[1].rstrip(".").split(", ")
