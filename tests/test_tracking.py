@@ -535,5 +535,5 @@ def test_unknown_option_errors_list_what_that_place_accepts(instance: Instance) 
     assert {"after", "run_after", "queue", "retries"} <= set(known)
     assert not {"tags", "unique", "exclusive", "retry_on", "name"} & set(known)
     with pytest.raises(InvalidOptionError) as decorator_error:
-        async_method(queu="x")
+        async_method(queu="x")  # type: ignore[call-overload]
     assert "name" in str(decorator_error.value).split("known: ")[1].rstrip(".").split(", ")
