@@ -2,7 +2,7 @@
 drops the database connections while 60 calls drain, and must find no call lost or run twice.
 
 Only with real services on PostgreSQL (``ASYNCMODELS_TEST_SERVICES=real ASYNCMODELS_DB=postgres``),
-on a database of its own (``asyncmodels_chaos_ci`` and its ``_other`` twin, created and dropped
+on a database of its own (``<ASYNCMODELS_PG_NAME>_chaos`` and its ``_other`` twin, created and dropped
 here). It starts its own Redis server: the shared one is not touched. Select it with ``-m chaos``.
 """
 
@@ -21,7 +21,8 @@ from django.conf import settings
 from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
-DATABASE = "asyncmodels_chaos_ci"
+# Named after the suite's own database, so that two runs side by side (CI's legs) keep apart.
+DATABASE = f"{os.environ.get('ASYNCMODELS_PG_NAME', 'asyncmodels')}_chaos"
 DATABASES = (DATABASE, f"{DATABASE}_other")  # the settings open "<name>_other" as the "other" alias
 LINE = re.compile(
     r"^chaos: calls=(?P<calls>\d+) kills=(?P<kills>\d+) flushes=(?P<flushes>\d+) "
