@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from . import conf
 
 if TYPE_CHECKING:
-    from rq.queue import Queue
+    from rq.queue import EnqueueData, Queue
 
     from .models import MethodCall
 
@@ -86,7 +86,8 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         if raise_errors:
             raise
         return False
-    call.mark_enqueued()
+    if not call.mark_enqueued():  # a worker claimed it already, or another push marked it
+        call.refresh_from_db(fields=["state"])
     return True
 
 
@@ -163,18 +164,163 @@ def push_on_commit(call: MethodCall, *, scheduled: bool = False) -> None:
     Registered with ``transaction.on_commit(..., robust=True)``: a failing push is logged and
     never breaks the commit; the row stays ``pending`` for recovery. With ``scheduled=True`` the
     call is pushed only if it is already due (``push_if_due``).
+
+    Calls made in one transaction are pushed together (``CommitBatch``): one Redis pipeline per
+    connection and one ``UPDATE`` marking them ``enqueued``, not a round trip each.
     """
     from django.db import transaction
 
-    def push_committed_call() -> None:
-        # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
-        # with func.__qualname__, and a partial has none (django ticket #36487).
-        if scheduled:
-            push_if_due(call)
-        else:
-            push(call)
+    database = call._state.db or "default"
+    connection = transaction.get_connection(database)
+    if scheduled or not connection.in_atomic_block:
 
-    transaction.on_commit(push_committed_call, using=call._state.db or "default", robust=True)
+        def push_committed_call() -> None:
+            # A named function, not functools.partial: Django 5.2 logs a robust callback's failure
+            # with func.__qualname__, and a partial has none (django ticket #36487).
+            if scheduled:
+                push_if_due(call)
+            else:
+                push(call)
+
+        transaction.on_commit(push_committed_call, using=database, robust=True)
+        return
+    batch = getattr(connection, "_asyncmodels_batch", None)
+    # Django replaces its list of commit hooks when the transaction ends (or a savepoint rolls
+    # back): a batch belongs to the list that was current when it was started.
+    if batch is None or batch.hooks is not connection.run_on_commit:
+        batch = CommitBatch(database, connection.run_on_commit)
+        connection._asyncmodels_batch = batch
+    batch.calls.append(call)
+
+    def push_committed_calls() -> None:
+        batch.flush()  # the first of the batch's hooks to run pushes them all; the others find none
+
+    transaction.on_commit(push_committed_calls, using=database, robust=True)
+
+
+class CommitBatch:
+    """The calls made in one transaction on one database, pushed together once it commits.
+
+    Each call registers its own commit hook, so a call made in a savepoint that rolls back loses
+    its hook the Django way; the first hook to run pushes every call of the batch that is still
+    ``pending`` in the database (rows rolled back with a savepoint are not, and are skipped).
+    """
+
+    def __init__(self, database: str, hooks: object) -> None:
+        self.database = database
+        self.hooks = hooks
+        self.calls: list[MethodCall] = []
+
+    def flush(self) -> None:
+        calls, self.calls = self.calls, []
+        if len(calls) <= 1 or conf.get_backend_name() == "immediate":
+            for call in calls:  # one call's own hook ran, so its row committed
+                push(call)
+            return
+        push_many(calls)
+
+
+def push_many(calls: list[MethodCall]) -> int:
+    """Push committed ``pending`` calls of one database together; return how many were pushed.
+
+    One ``SELECT`` (which of them are still pending), per Redis connection one pipeline asking
+    which job ids RQ holds already and one pipeline enqueueing the others, then one ``UPDATE``
+    marking them ``enqueued``. A Redis failure leaves them ``pending`` with the reason, for
+    recovery, like ``push()``. Never raises.
+    """
+    from django.db.models import Case, F, TextField, Value, When
+    from django.db.models.functions import Now
+    from rq.job import Job
+
+    from .models import PUSH_FAILURE_PREFIX, CallState, MethodCall
+
+    database = calls[0]._state.db or "default"
+    manager = MethodCall.objects.using(database)
+    try:
+        pending = set(
+            manager.filter(pk__in=[call.pk for call in calls], state=CallState.PENDING).values_list(
+                "pk", flat=True
+            )
+        )
+    except Exception:
+        logger.exception("Could not read %s committed calls to push them; recovery will.", len(calls))
+        return 0
+    queues = conf.get_rq_queue_names()
+    by_connection: dict[int, tuple[Queue, list[tuple[Queue, MethodCall]]]] = {}
+    seen: set[int] = set()
+    for call in calls:
+        if call.pk not in pending or call.pk in seen:
+            continue
+        seen.add(call.pk)
+        if call.queue not in queues:
+            _fail_for_unknown_queue(call)
+            continue
+        queue = get_queue(call.queue)
+        by_connection.setdefault(id(queue.connection), (queue, []))[1].append((queue, call))
+    pushed: list[MethodCall] = []
+    for first_queue, entries in by_connection.values():
+        connection = first_queue.connection
+        try:
+            with connection.pipeline(transaction=False) as pipeline:
+                for _, call in entries:
+                    pipeline.exists(Job.key_for(call.job_id))
+                held = pipeline.execute()
+            per_queue: dict[str, tuple[Queue, list[EnqueueData]]] = {}
+            for (queue, call), exists in zip(entries, held, strict=True):
+                if exists:  # RQ holds this attempt's job already (pushed by recovery)
+                    logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
+                else:
+                    per_queue.setdefault(queue.name, (queue, []))[1].append(_job_data(queue, call))
+            with connection.pipeline(transaction=False) as pipeline:
+                for queue, datas in per_queue.values():
+                    queue.enqueue_many(datas, pipeline=pipeline)
+                pipeline.execute()
+        except Exception as exc:
+            logger.exception(
+                "Could not push %s calls to Redis; they stay pending for recovery.", len(entries)
+            )
+            reason = (
+                f"{PUSH_FAILURE_PREFIX}s failed ({type(exc).__name__}: {exc}); recovery will push it again."
+            )
+            try:
+                manager.filter(pk__in=[call.pk for _, call in entries], state=CallState.PENDING).update(
+                    state_reason=reason[:2000]
+                )
+            except Exception:
+                logger.exception("Could not record the failed push of %s calls.", len(entries))
+            continue
+        pushed.extend(call for _, call in entries)
+    if not pushed:
+        return 0
+    try:
+        manager.filter(pk__in=[call.pk for call in pushed], state=CallState.PENDING).update(
+            state=CallState.ENQUEUED,
+            enqueued_at=Now(),
+            state_reason=Case(
+                When(state_reason__startswith=PUSH_FAILURE_PREFIX, then=Value("")),
+                default=F("state_reason"),
+                output_field=TextField(),
+            ),
+        )
+    except Exception:  # pushed, not marked: the job's claim accepts pending calls too
+        logger.exception("Could not mark %s pushed calls enqueued.", len(pushed))
+        return len(pushed)
+    for call in pushed:
+        call.state = CallState.ENQUEUED
+    return len(pushed)
+
+
+def _job_data(queue: Queue, call: MethodCall) -> EnqueueData:
+    """RQ's description of the generic job for ``call`` (as ``push()`` enqueues it)."""
+    timeout = call.policy.get("timeout") if isinstance(call.policy, dict) else None
+    return queue.prepare_data(
+        JOB_FUNCTION,
+        [call.pk, call._state.db or "default"],
+        job_id=call.job_id,
+        description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
+        result_ttl=0,
+        timeout=math.ceil(timeout) if timeout else None,
+    )
 
 
 def push_if_due(call: MethodCall, *, raise_errors: bool = False) -> bool:

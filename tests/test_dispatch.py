@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from django.db import transaction
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from asyncmodels import dispatch
 from asyncmodels.models import CallState, MethodCall
@@ -148,26 +151,106 @@ def test_immediate_backend_records_failures_like_a_worker() -> None:
     assert call.error_type == "builtins.ValueError"
 
 
-def test_a_failing_push_does_not_break_the_commit_or_drop_other_pushes(
+def test_a_failing_push_does_not_break_the_commit_or_drop_other_hooks(
     monkeypatch: pytest.MonkeyPatch, queued_jobs: Callable[..., int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Whatever goes wrong in one on-commit push (here: an unexpected error), Django's robust
-    # on_commit must log it and still run the next call's push. Django 5.2 crashed on a
+    # Whatever goes wrong in the on-commit push (here: an unexpected error), Django's robust
+    # on_commit must log it and still run the next hook. Django 5.2 crashed on a
     # functools.partial callback here (ticket #36487), so the callback must be a function.
-    real_push = dispatch.push
+    def broken_push_many(calls: list[MethodCall]) -> int:
+        raise RuntimeError("unexpected failure inside push")
+
+    monkeypatch.setattr(dispatch, "push_many", broken_push_many)
+    ran: list[str] = []
     first, second = Echo.objects.create(), Echo.objects.create()
-
-    def flaky_push(call: MethodCall) -> bool:
-        if call.object_id == str(first.pk):
-            raise RuntimeError("unexpected failure inside push")
-        return real_push(call)
-
-    monkeypatch.setattr(dispatch, "push", flaky_push)
     with caplog.at_level(logging.ERROR), transaction.atomic():
         lost = first.bump()
-        kept = second.bump()
+        also_lost = second.bump()
+        transaction.on_commit(lambda: ran.append("the caller's own hook"))
     assert "unexpected failure inside push" in caplog.text
+    assert ran == ["the caller's own hook"]
     lost.refresh_from_db()
-    kept.refresh_from_db()
-    assert (lost.state, kept.state) == (CallState.PENDING, CallState.ENQUEUED)
-    assert queued_jobs() == 1
+    also_lost.refresh_from_db()
+    assert (lost.state, also_lost.state) == (CallState.PENDING, CallState.PENDING)  # for recovery
+    assert queued_jobs() == 0
+
+
+def test_calls_of_one_transaction_are_pushed_in_one_pipeline_and_marked_in_one_update(
+    monkeypatch: pytest.MonkeyPatch,
+    queued_jobs: Callable[..., int],
+    run_worker: RunWorker,
+) -> None:
+    import redis.client
+
+    executed: list[int] = []
+    real_execute = redis.client.Pipeline.execute
+
+    def counting_execute(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        executed.append(len(self.command_stack))
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
+    echoes = [Echo.objects.create() for _ in range(20)]
+    instance = Instance.objects.create(account=Account.objects.create(name="a"), name="web")
+    ContentType.objects.get_for_models(Echo, Instance)  # cached, as in any running process
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        calls = [echo.bump() for echo in echoes] + [instance.provision()]
+    statements = [
+        q["sql"].split()[0] for q in queries.captured_queries if "asyncmodels_methodcall" in q["sql"]
+    ]
+    # 21 INSERTs, then on commit: which are still pending (SELECT) and mark them (UPDATE).
+    assert statements == ["INSERT"] * 21 + ["SELECT", "UPDATE"]
+    assert len(executed) == 2  # one pipeline asks which job ids RQ holds, one enqueues the rest
+    assert {call.state for call in calls} == {CallState.ENQUEUED}
+    assert set(MethodCall.objects.values_list("state", flat=True)) == {CallState.ENQUEUED}
+    assert queued_jobs("default") == 20 and queued_jobs("provisioning") == 1
+    run_worker()
+    assert set(MethodCall.objects.values_list("state", flat=True)) == {CallState.SUCCEEDED}
+    assert all(hits == 1 for hits in Echo.objects.values_list("hits", flat=True))
+
+
+def test_a_batch_skips_calls_rolled_back_with_a_savepoint(queued_jobs: Callable[..., int]) -> None:
+    echo = Echo.objects.create()
+    with transaction.atomic():
+        kept = echo.bump()
+        try:
+            with transaction.atomic():
+                echo.bump()
+                echo.bump()
+                raise RuntimeError("roll the savepoint back")
+        except RuntimeError:
+            pass
+        also_kept = echo.bump()
+    assert MethodCall.objects.count() == 2
+    assert set(MethodCall.objects.values_list("state", flat=True)) == {CallState.ENQUEUED}
+    assert {kept.state, also_kept.state} == {CallState.ENQUEUED}
+    assert queued_jobs() == 2
+
+
+def test_a_batch_keeps_each_calls_job_options_and_skips_jobs_rq_holds(
+    queued_jobs: Callable[..., int], redis_connection: Any
+) -> None:
+    from rq.job import Job
+
+    echo = Echo.objects.create()
+    with transaction.atomic():
+        sleepy = echo.sleepy(0)
+        plain = echo.bump()
+        # Recovery (or anyone) pushed this attempt already: the batch must not push it twice.
+        dispatch.get_queue("default").enqueue(dispatch.JOB_FUNCTION, plain.pk, "default", job_id=plain.job_id)
+    fetched = Job.fetch(f"asyncmodels-default-{sleepy.pk}-1", connection=redis_connection)
+    assert fetched.timeout == 1 and fetched.args == [sleepy.pk, "default"] and fetched.result_ttl == 0
+    assert queued_jobs() == 2  # not 3
+    assert {sleepy.state, plain.state} == {CallState.ENQUEUED}
+
+
+def test_a_batch_with_redis_down_stays_pending_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = dead_queue("default")
+    monkeypatch.setattr(dispatch, "get_queue", lambda name: dead)
+    echo = Echo.objects.create()
+    with transaction.atomic():
+        calls = [echo.bump() for _ in range(3)]
+    for call in calls:
+        call.refresh_from_db()
+        assert call.state == CallState.PENDING
+        assert call.state_reason.startswith("The push to queue") and "recovery" in call.state_reason
