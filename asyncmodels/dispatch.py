@@ -198,6 +198,25 @@ def push_on_commit(call: MethodCall, *, scheduled: bool = False) -> None:
     transaction.on_commit(push_committed_calls, using=database, robust=True)
 
 
+def push_all_on_commit(calls: list[MethodCall], database: str) -> None:
+    """Push ``calls`` (rows written together, on ``database``) once its transaction commits, in
+    one batch (``push_many``); at once outside a transaction. One commit hook for them all:
+    they were written in one statement, so they commit or roll back together."""
+    from django.db import transaction
+
+    if not calls:
+        return
+
+    def push_committed_calls() -> None:
+        if len(calls) == 1 or conf.get_backend_name() == "immediate":
+            for call in calls:
+                push(call)
+        else:
+            push_many(calls)
+
+    transaction.on_commit(push_committed_calls, using=database, robust=True)
+
+
 class CommitBatch:
     """The calls made in one transaction on one database, pushed together once it commits.
 
@@ -246,7 +265,8 @@ def push_many(calls: list[MethodCall]) -> int:
         logger.exception("Could not read %s committed calls to push them; recovery will.", len(calls))
         return 0
     queues = conf.get_rq_queue_names()
-    by_connection: dict[int, tuple[Queue, list[tuple[Queue, MethodCall]]]] = {}
+    by_connection: dict[str, tuple[Queue, list[tuple[Queue, MethodCall]]]] = {}
+    by_name: dict[str, Queue] = {}
     seen: set[int] = set()
     for call in calls:
         if call.pk not in pending or call.pk in seen:
@@ -255,8 +275,10 @@ def push_many(calls: list[MethodCall]) -> int:
         if call.queue not in queues:
             _fail_for_unknown_queue(call)
             continue
-        queue = get_queue(call.queue)
-        by_connection.setdefault(id(queue.connection), (queue, []))[1].append((queue, call))
+        if call.queue not in by_name:
+            by_name[call.queue] = get_queue(call.queue)
+        queue = by_name[call.queue]
+        by_connection.setdefault(_server_of(call.queue), (queue, []))[1].append((queue, call))
     pushed: list[MethodCall] = []
     for first_queue, entries in by_connection.values():
         connection = first_queue.connection
@@ -308,6 +330,19 @@ def push_many(calls: list[MethodCall]) -> int:
     for call in pushed:
         call.state = CallState.ENQUEUED
     return len(pushed)
+
+
+#: Keys of a django-rq queue's settings that shape its jobs, not the Redis it talks to.
+_JOB_OPTIONS = frozenset({"DEFAULT_TIMEOUT", "DEFAULT_RESULT_TTL", "ASYNC", "DEFAULT_JOB_CLASS"})
+
+
+def _server_of(queue_name: str) -> str:
+    """Which Redis a queue talks to, from its ``RQ_QUEUES`` settings: queues configured alike
+    share one pipeline (django-rq gives each queue a client object of its own)."""
+    from django.conf import settings
+
+    config = settings.RQ_QUEUES.get(queue_name, {})
+    return repr(sorted((str(key), repr(value)) for key, value in config.items() if key not in _JOB_OPTIONS))
 
 
 def _job_data(queue: Queue, call: MethodCall) -> EnqueueData:
