@@ -68,3 +68,12 @@ chaos: $(BIN)/.installed
 	        | grep -q 1 || createdb -h 127.0.0.1 -U postgres "$$db" || exit 1; \
 	done
 	ASYNCMODELS_DB=postgres ASYNCMODELS_PG_NAME=$(CHAOS_PG_NAME) $(MANAGE) chaos --calls 500 $(CHAOS_ARGS)
+
+# Throughput on PostgreSQL + Redis (db 4) with real workers: enqueue (1 and 100 calls per
+# transaction), bulk_call, execution with 1 and 2 forking / non-forking workers, each against
+# bare RQ and hand-written baselines measured in the same run; prints one table of ratios.
+# Its own database (asyncmodels_bench_tp, or $ASYNCMODELS_BENCH_DB), dropped at the end.
+# BENCH_ARGS='--quick' is the < 30 s smoke test; BENCH_ARGS='--repeat 5 --jobs 2000' and so on.
+.PHONY: bench
+bench: $(BIN)/.installed
+	$(BIN)/python bench/throughput.py $(BENCH_ARGS)

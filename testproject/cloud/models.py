@@ -132,6 +132,10 @@ class Echo(models.Model):
         return self.hits
 
     @async_method()
+    def noop(self) -> None:
+        """Does nothing: what the throughput benchmark (bench/throughput.py) runs by the thousand."""
+
+    @async_method()
     def fail(self, message: str) -> None:
         raise ValueError(message)
 
