@@ -28,15 +28,33 @@ logger = logging.getLogger("asyncmodels.dispatch")
 JOB_FUNCTION = "asyncmodels.job.run_method_call"
 
 
+#: Queues by name, with what they were made from (see ``get_queue``).
+_queues: dict[str, tuple[str, object, Queue]] = {}
+
+
 def get_queue(name: str) -> Queue:
     """Return django-rq's queue ``name`` with its own on-commit deferral turned off.
 
     asyncmodels defers the push itself, on the call's own database; django-rq's ``on_db_commit``
     mode only watches the default connection and would make ``enqueue()`` return ``None``.
+
+    The queue (and so its Redis client and connection pool) is kept for the next push: django-rq
+    makes a new client, and so a new TCP connection, on every call. It is made again when the
+    queue's ``RQ_QUEUES`` settings change (``override_settings``) or django-rq's connection
+    factory is replaced (tests). redis-py's pool opens fresh connections in a forked process.
     """
     import django_rq
+    import django_rq.queues
+    from django.conf import settings
 
-    return django_rq.get_queue(name, commit_mode="auto")
+    config = repr(sorted((str(key), repr(value)) for key, value in settings.RQ_QUEUES.get(name, {}).items()))
+    factory = getattr(django_rq.queues, "get_connection", None)  # replaced by tests with fakeredis
+    cached = _queues.get(name)
+    if cached is not None and cached[0] == config and cached[1] is factory:
+        return cached[2]
+    queue = django_rq.get_queue(name, commit_mode="auto")
+    _queues[name] = (config, factory, queue)  # holds the factory: its id cannot be reused
+    return queue
 
 
 def push(call: MethodCall, *, raise_errors: bool = False) -> bool:

@@ -254,3 +254,11 @@ def test_a_batch_with_redis_down_stays_pending_with_the_reason(monkeypatch: pyte
         call.refresh_from_db()
         assert call.state == CallState.PENDING
         assert call.state_reason.startswith("The push to queue") and "recovery" in call.state_reason
+
+
+def test_queues_are_kept_between_pushes_until_their_settings_change(settings: Any) -> None:
+    first = dispatch.get_queue("default")
+    assert dispatch.get_queue("default") is first  # one Redis client (and pool), not one per push
+    assert dispatch.get_queue("urgent") is not first
+    settings.RQ_QUEUES = {**settings.RQ_QUEUES, "default": {**settings.RQ_QUEUES["default"], "DB": 3}}
+    assert dispatch.get_queue("default") is not first
