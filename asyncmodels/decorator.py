@@ -78,10 +78,11 @@ class AsyncMethod:
         database) with the same arguments: ``Instance.provision.bulk_call(queryset, size="large")``.
 
         One ``INSERT`` of the calls per database (plus one of their tags), in one transaction or a
-        savepoint of the caller's, pushed on commit in one Redis pipeline and marked ``enqueued``
-        in one ``UPDATE``: for "do this to ten thousand rows". Every check of a single call runs
-        first, and any failure refuses the whole batch, writing nothing: ``UnsavedInstanceError``
-        (also for an object of another model), ``InvalidArgumentsError``,
+        savepoint of the caller's, pushed on commit in one Redis pipeline (written ``enqueued``,
+        or ``pending`` and marked in one ``UPDATE`` inside a savepoint; see
+        ``dispatch.enqueued_at_insert``): for "do this to ten thousand rows". Every check of a
+        single call runs first, and any failure refuses the whole batch, writing nothing:
+        ``UnsavedInstanceError`` (also for an object of another model), ``InvalidArgumentsError``,
         ``UnsupportedArgumentError``, ``UnknownQueueError``, ``InvalidTagError``. The method's
         options apply (``unique``: an object with an unfinished call gets it back); ``result_of()``
         and ``using(after=..., run_after=...)`` are for single calls. Returns the calls, one per
@@ -299,6 +300,8 @@ def make_call(
         state, reason = CallState.WAITING, dependencies.waiting_reason(waits_for)
     elif run_after is not None:
         state, reason = CallState.SCHEDULED, ""
+    elif dispatch.enqueued_at_insert(database):  # its push is certain at the commit: no UPDATE after it
+        state, reason = CallState.ENQUEUED, ""
     else:
         state, reason = CallState.PENDING, ""
     content_type = ContentType.objects.db_manager(database).get_for_model(instance)
@@ -312,6 +315,7 @@ def make_call(
         policy=options.to_policy(),
         state=state,
         state_reason=reason,
+        enqueued_at=Now() if state == CallState.ENQUEUED else None,
         # A delay counts from the database's clock, like every due-ness check.
         run_after=Now() + run_after if isinstance(run_after, datetime.timedelta) else run_after,
         unique_key=unique_key,
@@ -352,6 +356,8 @@ def make_call(
         call = write()
     if isinstance(run_after, datetime.timedelta):
         call.refresh_from_db(fields=["run_after"])
+    if state == CallState.ENQUEUED:
+        call.enqueued_at = call.created_at  # both the INSERT's Now(), returned with the row
 
     if state == CallState.WAITING:
         dependencies.settle_on_commit(call)
@@ -404,7 +410,7 @@ def make_calls(
     options: MethodOptions,
 ) -> list[MethodCall]:
     """Make the same call on many objects: the rows in one ``INSERT`` per database (and their tags
-    in one more), pushed on commit together (``dispatch.push_many``: one pipeline, one UPDATE).
+    in one more), pushed on commit together (``dispatch.push_many``: one pipeline).
 
     The checks are those of a single call, all made before anything is written: one bad
     object, argument or tag refuses the whole batch. For a ``unique`` method an object with an
@@ -413,7 +419,7 @@ def make_calls(
     """
     from django.contrib.contenttypes.models import ContentType
 
-    from .models import UNFINISHED_STATES, CallState, MethodCall, MethodCallTag
+    from .models import UNFINISHED_STATES, CallState, MethodCall, MethodCallTag, database_now
 
     label = f"{entry.model._meta.label}.{entry.attribute}"
     objects = list(instances)
@@ -452,6 +458,9 @@ def make_calls(
             else {}
         )
         content_type = ContentType.objects.db_manager(database).get_for_model(entry.model)
+        state = CallState.ENQUEUED if dispatch.enqueued_at_insert(database) else CallState.PENDING
+        # One reading of the database's clock for all rows (an expression per row costs a compile each).
+        enqueued_at = database_now(database) if state == CallState.ENQUEUED else None
         rows: list[MethodCall] = []
         row_tags: list[list[str]] = []
         by_key: dict[str, MethodCall] = {}
@@ -468,7 +477,8 @@ def make_calls(
                 args=encoded_args,
                 kwargs=encoded_kwargs,
                 policy=options.to_policy(),
-                state=CallState.PENDING,
+                state=state,
+                enqueued_at=enqueued_at,
                 unique_key=key,
                 exclusive_key=_exclusive_key(entry, instance, options),
             )

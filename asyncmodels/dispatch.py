@@ -63,6 +63,8 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
     A queue failure is logged and leaves the call ``pending`` (with the reason); it is raised
     again only with ``raise_errors=True`` (recovery stops a pass's pushes when Redis is down).
     """
+    from .models import CallState
+
     database = call._state.db or "default"
     if conf.get_backend_name() == "immediate":
         _run_immediately(call.pk, database)
@@ -104,8 +106,8 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         if raise_errors:
             raise
         return False
-    if not call.mark_enqueued():  # a worker claimed it already, or another push marked it
-        call.refresh_from_db(fields=["state"])
+    if call.state == CallState.PENDING and not call.mark_enqueued():
+        call.refresh_from_db(fields=["state"])  # a worker claimed it already, or another push marked it
     return True
 
 
@@ -161,19 +163,51 @@ def _fail_for_unknown_queue(call: MethodCall) -> None:
 
 
 def _note_push_failure(call: MethodCall, exc: Exception) -> None:
-    """Say on the row why it is still pending; never raise (Redis is down, the database may be too)."""
-    from .models import PUSH_FAILURE_PREFIX, CallState, MethodCall
+    """Say on the row why it is (back to) pending; never raise (Redis is down, the database may be too)."""
+    from .models import PUSH_FAILURE_PREFIX
 
     reason = (
         f"{PUSH_FAILURE_PREFIX} {call.queue!r} failed ({type(exc).__name__}: {exc}); "
         "recovery will push it again."
     )
+    _back_to_pending([call], reason)
+
+
+def _back_to_pending(calls: list[MethodCall], reason: str) -> None:
+    """After a failed push: ``calls`` still ``pending`` get the reason; those written ``enqueued``
+    (``enqueued_at_insert``) go back to ``pending`` with it. A call a worker claimed meanwhile
+    (the push reached Redis after all) is left alone. Never raises."""
+    from .models import CallState, MethodCall
+
     try:
-        MethodCall.objects.using(call._state.db).filter(pk=call.pk, state=CallState.PENDING).update(
-            state_reason=reason[:2000]
-        )
+        MethodCall.objects.using(calls[0]._state.db).filter(
+            pk__in=[call.pk for call in calls], state__in=[CallState.PENDING, CallState.ENQUEUED]
+        ).update(state=CallState.PENDING, state_reason=reason[:2000])
     except Exception:
-        logger.exception("Could not record the failed push of call %s.", call.pk)
+        logger.exception("Could not record the failed push of %s call(s).", len(calls))
+        return
+    for call in calls:
+        if call.state == CallState.ENQUEUED:
+            call.state = CallState.PENDING
+
+
+def enqueued_at_insert(database: str) -> bool:
+    """Whether a call written now on ``database`` may be written ``enqueued`` rather than ``pending``.
+
+    True with the ``rq`` backend when no savepoint is open on ``database`` (autocommit, or the
+    outermost ``atomic()`` block): the call's commit hook then runs exactly when its row commits,
+    so the push is certain to be tried and the extra ``UPDATE`` (and commit) marking the row
+    after the push is spared. Should that push fail, ``push()`` sets the call back to ``pending``
+    with the reason; should the process die between the commit and the push, the call is
+    ``enqueued`` but unknown to Redis, which recovery handles after ``PUSH_GRACE_SECONDS`` like a
+    flushed Redis. Inside a savepoint (a nested ``atomic()``, and so in every Django
+    ``TestCase``) a call is written ``pending`` and marked ``enqueued`` once pushed: it may be
+    rolled back without its transaction, and in a test that never commits it must stay
+    ``pending`` (DESIGN.md: "in Django's TestCase nothing commits, so a call stays pending").
+    """
+    from django.db import transaction
+
+    return conf.get_backend_name() == "rq" and not transaction.get_connection(database).savepoint_ids
 
 
 def push_on_commit(call: MethodCall, *, scheduled: bool = False) -> None:
@@ -258,12 +292,14 @@ class CommitBatch:
 
 
 def push_many(calls: list[MethodCall]) -> int:
-    """Push committed ``pending`` calls of one database together; return how many were pushed.
+    """Push committed calls of one database together; return how many were pushed.
 
-    One ``SELECT`` (which of them are still pending), per Redis connection one pipeline asking
-    which job ids RQ holds already and one pipeline enqueueing the others, then one ``UPDATE``
-    marking them ``enqueued``. A Redis failure leaves them ``pending`` with the reason, for
-    recovery, like ``push()``. Never raises.
+    Calls written ``pending`` are first checked still to be (one ``SELECT``: rows rolled back
+    with a savepoint are gone); calls written ``enqueued`` (``enqueued_at_insert``) committed
+    with their hook and need no check. Then per Redis connection one pipeline asking which job
+    ids RQ holds already and one pipeline enqueueing the others, and one ``UPDATE`` marking the
+    ``pending`` ones ``enqueued``. A Redis failure leaves them ``pending`` with the reason (those
+    written ``enqueued`` go back to ``pending``), for recovery, like ``push()``. Never raises.
     """
     from django.db.models import Case, F, TextField, Value, When
     from django.db.models.functions import Now
@@ -273,11 +309,12 @@ def push_many(calls: list[MethodCall]) -> int:
 
     database = calls[0]._state.db or "default"
     manager = MethodCall.objects.using(database)
+    written_pending = [call.pk for call in calls if call.state == CallState.PENDING]
     try:
-        pending = set(
-            manager.filter(pk__in=[call.pk for call in calls], state=CallState.PENDING).values_list(
-                "pk", flat=True
-            )
+        still_pending = (
+            set(manager.filter(pk__in=written_pending, state=CallState.PENDING).values_list("pk", flat=True))
+            if written_pending
+            else set()
         )
     except Exception:
         logger.exception("Could not read %s committed calls to push them; recovery will.", len(calls))
@@ -287,7 +324,7 @@ def push_many(calls: list[MethodCall]) -> int:
     by_name: dict[str, Queue] = {}
     seen: set[int] = set()
     for call in calls:
-        if call.pk not in pending or call.pk in seen:
+        if call.pk in seen or (call.state == CallState.PENDING and call.pk not in still_pending):
             continue
         seen.add(call.pk)
         if call.queue not in queues:
@@ -319,21 +356,17 @@ def push_many(calls: list[MethodCall]) -> int:
             logger.exception(
                 "Could not push %s calls to Redis; they stay pending for recovery.", len(entries)
             )
-            reason = (
-                f"{PUSH_FAILURE_PREFIX}s failed ({type(exc).__name__}: {exc}); recovery will push it again."
+            _back_to_pending(
+                [call for _, call in entries],
+                f"{PUSH_FAILURE_PREFIX}s failed ({type(exc).__name__}: {exc}); recovery will push it again.",
             )
-            try:
-                manager.filter(pk__in=[call.pk for _, call in entries], state=CallState.PENDING).update(
-                    state_reason=reason[:2000]
-                )
-            except Exception:
-                logger.exception("Could not record the failed push of %s calls.", len(entries))
             continue
         pushed.extend(call for _, call in entries)
-    if not pushed:
-        return 0
+    to_mark = [call for call in pushed if call.state == CallState.PENDING]
+    if not to_mark:
+        return len(pushed)
     try:
-        manager.filter(pk__in=[call.pk for call in pushed], state=CallState.PENDING).update(
+        manager.filter(pk__in=[call.pk for call in to_mark], state=CallState.PENDING).update(
             state=CallState.ENQUEUED,
             enqueued_at=Now(),
             state_reason=Case(
@@ -343,9 +376,9 @@ def push_many(calls: list[MethodCall]) -> int:
             ),
         )
     except Exception:  # pushed, not marked: the job's claim accepts pending calls too
-        logger.exception("Could not mark %s pushed calls enqueued.", len(pushed))
+        logger.exception("Could not mark %s pushed calls enqueued.", len(to_mark))
         return len(pushed)
-    for call in pushed:
+    for call in to_mark:
         call.state = CallState.ENQUEUED
     return len(pushed)
 

@@ -39,7 +39,14 @@ from django.db.models.functions import Coalesce, Now
 from . import conf, exclusive, registry, serialization
 from .context import running
 from .exceptions import CallCancelledError, DecodingError, EncodingError
-from .models import CLAIMABLE_STATES, CallState, MethodCall, honour_cancel_request
+from .models import (
+    CLAIMABLE_STATES,
+    CallState,
+    MethodCall,
+    honour_cancel_request,
+    update_returning,
+    updates_return_rows,
+)
 from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.job")
@@ -91,9 +98,15 @@ def _running_under_rq() -> bool:
 BUSY = -1
 
 
-def _claim(call_id: int, database: str) -> int:
-    """Claim the call: 1 if this process won it, 0 if it is not claimable, ``BUSY`` if its
-    exclusive key is held (the partial unique index on running calls refused the UPDATE)."""
+def _claim(call_id: int, database: str) -> int | MethodCall:
+    """Claim the call: the claimed row (as it is now, ``running``) or 1 if this process won it,
+    0 if it is not claimable, ``BUSY`` if its exclusive key is held (the partial unique index on
+    running calls refused the UPDATE).
+
+    Where the database can return the rows an ``UPDATE`` changed (PostgreSQL; SQLite 3.35+), the
+    claim and the read of the call are one statement (``UPDATE … RETURNING``); elsewhere the
+    caller reads the row after the claim.
+    """
     try:
         if connections[database].in_atomic_block:  # the immediate backend inside a test's transaction
             with transaction.atomic(using=database):
@@ -103,26 +116,29 @@ def _claim(call_id: int, database: str) -> int:
         return BUSY
 
 
-def _claim_update(call_id: int, database: str) -> int:
+def _claim_update(call_id: int, database: str) -> int | MethodCall:
     lease = conf.get_duration("LEASE_SECONDS")
-    return (
-        MethodCall.objects.using(database)
-        .filter(pk=call_id, state__in=CLAIMABLE_STATES)
-        .update(
-            state=CallState.RUNNING,
-            attempts=F("attempts") + 1,
-            worker=current_worker_name()[:255],
-            started_at=Now(),
-            finished_at=None,
-            lease_expires_at=Now() + lease,
-            cancel_requested_at=None,
-            progress=None,
-            progress_message="",
-            progress_at=None,
-            state_reason="",
-            enqueued_at=Coalesce(F("enqueued_at"), Now()),
-        )
-    )
+    claimable = MethodCall.objects.using(database).filter(pk=call_id, state__in=CLAIMABLE_STATES)
+    changes: dict[str, Any] = {
+        "state": CallState.RUNNING,
+        "attempts": F("attempts") + 1,
+        "worker": current_worker_name()[:255],
+        "started_at": Now(),
+        "finished_at": None,
+        "lease_expires_at": Now() + lease,
+        "cancel_requested_at": None,
+        "progress": None,
+        "progress_message": "",
+        "progress_at": None,
+        "state_reason": "",
+        "enqueued_at": Coalesce(F("enqueued_at"), Now()),
+    }
+    if not updates_return_rows(database):
+        return claimable.update(**changes)
+    count, rows = update_returning(claimable, changes)
+    if rows:
+        return rows[0]
+    return count  # 0, or 1 with a value that would not load (a forged row): the caller's read fails it
 
 
 def _reconnecting(database: str, operation: Callable[[], T]) -> T:
@@ -170,7 +186,11 @@ def _claim_and_run(call_id: int, database: str) -> None:
         return
     manager = MethodCall.objects.using(database)
     try:
-        call = _reconnecting(database, lambda: manager.get(pk=call_id))
+        call = (
+            claimed
+            if isinstance(claimed, MethodCall)
+            else _reconnecting(database, lambda: manager.get(pk=call_id))
+        )
     except (OperationalError, InterfaceError):
         raise  # the database is unreachable: the lease runs out and recovery takes over
     except Exception as exc:  # a forged or corrupt row that cannot even be loaded

@@ -9,7 +9,7 @@ Timestamps come from the database clock (``Now()``), never from the worker's.
 from __future__ import annotations
 
 import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
@@ -612,3 +612,68 @@ class MethodCallDependency(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.call_id} after #{self.depends_on_id}"
+
+
+def updates_return_rows(database: str) -> bool:
+    """Whether ``database`` can return the rows an ``UPDATE`` changed (``UPDATE … RETURNING``):
+    PostgreSQL, and SQLite from 3.35 (the release that added ``RETURNING``, for ``INSERT`` and
+    ``UPDATE`` alike, which Django reports as ``can_return_columns_from_insert``)."""
+    from django.db import connections
+
+    connection = connections[database]
+    return (
+        connection.vendor in {"postgresql", "sqlite"} and connection.features.can_return_columns_from_insert
+    )
+
+
+M = TypeVar("M", bound=models.Model)
+
+
+def update_returning(queryset: models.QuerySet[M], changes: dict[str, Any]) -> tuple[int, list[M]]:
+    """``queryset.update(**changes)`` that also returns the changed rows, as instances, in the
+    same statement (``UPDATE … RETURNING`` every concrete column; see ``updates_return_rows``).
+
+    Returns ``(rows changed, instances)``. The instances are empty, with the count still right,
+    if a returned value cannot be converted (a forged or corrupt row): the caller reads the row
+    again to say why. Raises what ``update()`` raises (``IntegrityError`` and so on).
+    """
+    from django.db import connections
+    from django.db.models.sql import UpdateQuery
+
+    model = queryset.model
+    database = queryset.db
+    connection = connections[database]
+    fields = list(model._meta.concrete_fields)
+    query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
+    query.add_update_values(changes)
+    sql, params = query.get_compiler(database).as_sql()
+    columns = ", ".join(connection.ops.quote_name(str(field.column)) for field in fields)
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {columns}", params)
+        rows = cursor.fetchall()
+    try:
+        compiler = queryset.query.get_compiler(database)
+        converters = compiler.get_converters([field.get_col(model._meta.db_table) for field in fields])
+        names = [field.attname for field in fields]
+        instances = [
+            model.from_db(database, names, values) for values in compiler.apply_converters(rows, converters)
+        ]
+    except Exception:
+        return len(rows), []
+    return len(rows), instances
+
+
+def database_now(database: str) -> datetime.datetime:
+    """The clock of ``database`` (Django's ``Now()``, the one every due-ness and grace check reads),
+    as an aware ``datetime``: one ``SELECT``. For many rows written with one timestamp, where an
+    expression per row would be compiled once per row."""
+    from django.db import connections
+
+    compiler = MethodCall._default_manager.using(database).query.get_compiler(database)
+    now = Now()
+    sql, params = compiler.compile(now)
+    with connections[database].cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        rows = cursor.fetchall()
+    [[value]] = compiler.apply_converters(rows, compiler.get_converters([now]))
+    return cast(datetime.datetime, value)

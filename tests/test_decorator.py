@@ -36,7 +36,7 @@ def instance() -> Instance:
 
 
 def test_call_returns_a_pending_row_describing_the_call(instance: Instance) -> None:
-    with transaction.atomic():
+    with transaction.atomic(), transaction.atomic():  # in a savepoint, as in a TestCase
         call = instance.provision(size="large")
         assert isinstance(call, MethodCall)
         assert call.state == CallState.PENDING

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -9,11 +10,13 @@ from typing import Any
 import pytest
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
+from django.db.models.functions import Now
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from asyncmodels import dispatch
 from asyncmodels.models import CallState, MethodCall
+from asyncmodels.recovery import recover_stranded_calls
 from testproject.cloud.models import Account, Echo, Instance
 
 from .conftest import RunWorker, dead_queue
@@ -77,7 +80,23 @@ def test_call_is_pushed_only_when_the_transaction_commits(
 ) -> None:
     with transaction.atomic():
         call = instance.provision(size="large")
-        assert call.state == CallState.PENDING
+        # Written `enqueued` (its push is certain at the commit: no UPDATE after the push), yet
+        # nothing is in Redis before the commit.
+        assert call.state == CallState.ENQUEUED
+        assert queued_jobs() == 0
+    assert queued_jobs("provisioning") == 1
+    call.refresh_from_db()
+    assert call.state == CallState.ENQUEUED
+    assert call.enqueued_at == call.created_at
+
+
+def test_a_call_made_in_a_savepoint_is_pending_until_its_push(
+    instance: Instance, queued_jobs: Callable[..., int]
+) -> None:
+    with transaction.atomic():
+        with transaction.atomic():  # a savepoint: it may roll back without its transaction
+            call = instance.provision(size="large")
+            assert call.state == CallState.PENDING
         assert queued_jobs() == 0
     assert queued_jobs("provisioning") == 1
     call.refresh_from_db()
@@ -171,8 +190,14 @@ def test_a_failing_push_does_not_break_the_commit_or_drop_other_hooks(
     assert ran == ["the caller's own hook"]
     lost.refresh_from_db()
     also_lost.refresh_from_db()
-    assert (lost.state, also_lost.state) == (CallState.PENDING, CallState.PENDING)  # for recovery
+    # Written `enqueued` at the top of the transaction, and their push died: Redis holds nothing,
+    # which recovery finds once the grace has passed (as after a process killed at the commit).
+    assert (lost.state, also_lost.state) == (CallState.ENQUEUED, CallState.ENQUEUED)
     assert queued_jobs() == 0
+    monkeypatch.undo()
+    MethodCall.objects.update(enqueued_at=Now() - datetime.timedelta(minutes=5))
+    assert recover_stranded_calls().repushed_enqueued == 2
+    assert queued_jobs() == 2
 
 
 def test_calls_of_one_transaction_are_pushed_in_one_pipeline_and_marked_in_one_update(
@@ -194,12 +219,17 @@ def test_calls_of_one_transaction_are_pushed_in_one_pipeline_and_marked_in_one_u
     instance = Instance.objects.create(account=Account.objects.create(name="a"), name="web")
     ContentType.objects.get_for_models(Echo, Instance)  # cached, as in any running process
     with CaptureQueriesContext(connection) as queries, transaction.atomic():
-        calls = [echo.bump() for echo in echoes] + [instance.provision()]
+        calls = [echo.bump() for echo in echoes]
+        with transaction.atomic():  # made in a savepoint: written pending, checked and marked
+            calls.append(instance.provision())
     statements = [
         q["sql"].split()[0] for q in queries.captured_queries if "asyncmodels_methodcall" in q["sql"]
     ]
-    # 21 INSERTs, then on commit: which are still pending (SELECT) and mark them (UPDATE).
+    # 21 INSERTs; on commit the one written pending (in the savepoint) is checked to be still
+    # pending (SELECT) and marked (UPDATE); the 20 written enqueued need neither.
     assert statements == ["INSERT"] * 21 + ["SELECT", "UPDATE"]
+    for query in queries.captured_queries[-2:]:  # about that one call only
+        assert f"IN ({calls[-1].pk})" in query["sql"]
     assert len(executed) == 2  # one pipeline asks which job ids RQ holds, one enqueues the rest
     assert {call.state for call in calls} == {CallState.ENQUEUED}
     assert set(MethodCall.objects.values_list("state", flat=True)) == {CallState.ENQUEUED}

@@ -196,16 +196,36 @@ def test_call_path_query_count(instance: Instance) -> None:
             instance.describe()
             in_transaction = _statements(queries)
         after_commit = _statements(queries)
-    assert in_transaction == ["INSERT"]  # the call itself: one row
-    assert after_commit == ["INSERT", "UPDATE"]  # on commit: push, then pending -> enqueued
+    assert in_transaction == ["INSERT"]  # the call itself: one row, written `enqueued`
+    assert after_commit == ["INSERT"]  # on commit: the push only (no UPDATE marking it)
+    with CaptureQueriesContext(connection) as queries, transaction.atomic(), transaction.atomic():
+        instance.describe()  # in a savepoint: written `pending`
+    assert _statements(queries) == ["INSERT", "UPDATE"]  # on commit: push, then pending -> enqueued
 
 
 def test_job_query_count(instance: Instance, django_assert_num_queries: DjangoAssertNumQueries) -> None:
     call = instance.describe()
-    # claim (UPDATE), read the call, reload the object, record the outcome (UPDATE), and look for
-    # calls waiting for this one (SELECT; none here).
-    with django_assert_num_queries(5):
+    # claim and read the call (one UPDATE … RETURNING), reload the object, record the outcome
+    # (UPDATE), and look for calls waiting for this one (SELECT; none here).
+    with django_assert_num_queries(4) as queries:
         run_method_call(call.pk, "default")
+    claim = queries.captured_queries[0]["sql"]
+    assert claim.startswith("UPDATE") and " RETURNING " in claim
+    call.refresh_from_db()
+    assert call.state == CallState.SUCCEEDED
+
+
+def test_job_reads_the_call_after_the_claim_where_update_cannot_return_rows(
+    instance: Instance, monkeypatch: pytest.MonkeyPatch, django_assert_num_queries: DjangoAssertNumQueries
+) -> None:
+    import asyncmodels.job
+
+    monkeypatch.setattr(asyncmodels.job, "updates_return_rows", lambda database: False)  # MySQL, say
+    call = instance.describe()
+    with django_assert_num_queries(5) as queries:
+        run_method_call(call.pk, "default")
+    assert " RETURNING " not in queries.captured_queries[0]["sql"]
+    assert queries.captured_queries[1]["sql"].startswith("SELECT")
     call.refresh_from_db()
     assert call.state == CallState.SUCCEEDED
 

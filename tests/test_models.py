@@ -29,7 +29,7 @@ def test_state_filters_and_for_object(instance: Instance, run_worker: RunWorker)
     bad = instance.resize("huge")
     elsewhere = other.describe()
     run_worker()
-    with transaction.atomic():
+    with transaction.atomic(), transaction.atomic():  # in a savepoint: written pending
         waiting = instance.describe()
         calls = MethodCall.objects.for_object(instance)
         assert set(calls.pending()) == {waiting}
@@ -144,7 +144,7 @@ def test_retry_refuses_succeeded_and_unfinished_calls(run_worker: RunWorker) -> 
     with transaction.atomic():
         waiting = echo.bump()
         assert waiting.retry() is False
-        assert waiting.state == CallState.PENDING
+        assert waiting.state == CallState.ENQUEUED  # written so: pushed at the commit
     running = echo.bump()
     MethodCall.objects.filter(pk=running.pk).update(state=CallState.RUNNING)
     assert running.retry() is False
