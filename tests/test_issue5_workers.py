@@ -445,7 +445,7 @@ def test_call_whose_holder_ended_just_before_it_was_parked_is_run_without_waitin
     waiter = ledger.settle(seconds=0)
     original = job._claim
 
-    def claim_then_holder_ends(call_id: int, database: str) -> int:
+    def claim_then_holder_ends(call_id: int, database: str) -> int | MethodCall:
         claimed = original(call_id, database)
         if claimed == job.BUSY:  # the holder ends now: nobody is waiting yet, so it releases nobody
             MethodCall.objects.filter(pk=holder.pk).update(state=CallState.SUCCEEDED)

@@ -274,7 +274,7 @@ def test_a_call_whose_holder_ended_while_it_parked_is_run_by_the_same_job(
     call = Ledger.objects.create().settle(0)
     real_claim, answers = job._claim, [job.BUSY]  # the holder ends right after our claim failed
 
-    def claim(call_id: int, database: str) -> int:
+    def claim(call_id: int, database: str) -> int | MethodCall:
         return answers.pop() if answers else real_claim(call_id, database)
 
     monkeypatch.setattr(job, "_claim", claim)
