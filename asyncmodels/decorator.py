@@ -459,8 +459,11 @@ def make_calls(
         )
         content_type = ContentType.objects.db_manager(database).get_for_model(entry.model)
         state = CallState.ENQUEUED if dispatch.enqueued_at_insert(database) else CallState.PENDING
-        # One reading of the database's clock for all rows (an expression per row costs a compile each).
-        enqueued_at = database_now(database) if state == CallState.ENQUEUED else None
+        # One reading of the database's clock for all rows: with no expression left in any row,
+        # Django inserts them on PostgreSQL with one array per column (UNNEST), not a placeholder
+        # per value, and compiles no expression per row.
+        now = database_now(database)
+        enqueued_at = now if state == CallState.ENQUEUED else None
         rows: list[MethodCall] = []
         row_tags: list[list[str]] = []
         by_key: dict[str, MethodCall] = {}
@@ -478,6 +481,7 @@ def make_calls(
                 kwargs=encoded_kwargs,
                 policy=options.to_policy(),
                 state=state,
+                created_at=now,
                 enqueued_at=enqueued_at,
                 unique_key=key,
                 exclusive_key=_exclusive_key(entry, instance, options),

@@ -297,7 +297,8 @@ def push_many(calls: list[MethodCall]) -> int:
     Calls written ``pending`` are first checked still to be (one ``SELECT``: rows rolled back
     with a savepoint are gone); calls written ``enqueued`` (``enqueued_at_insert``) committed
     with their hook and need no check. Then per Redis connection one pipeline asking which job
-    ids RQ holds already and one pipeline enqueueing the others, and one ``UPDATE`` marking the
+    ids RQ holds already (for the calls not written ``enqueued``: nobody pushed those before
+    this hook) and one pipeline enqueueing the others, and one ``UPDATE`` marking the
     ``pending`` ones ``enqueued``. A Redis failure leaves them ``pending`` with the reason (those
     written ``enqueued`` go back to ``pending``), for recovery, like ``push()``. Never raises.
     """
@@ -338,13 +339,20 @@ def push_many(calls: list[MethodCall]) -> int:
     for first_queue, entries in by_connection.values():
         connection = first_queue.connection
         try:
-            with connection.pipeline(transaction=False) as pipeline:
-                for _, call in entries:
-                    pipeline.exists(Job.key_for(call.job_id))
-                held = pipeline.execute()
+            # A call written `enqueued` was pushed by nobody before this commit hook: only the
+            # others (pushed again, by recovery say) may be held by RQ already.
+            asked = [call for _, call in entries if call.state != CallState.ENQUEUED]
+            held_ids: set[int] = set()
+            if asked:
+                with connection.pipeline(transaction=False) as pipeline:
+                    for call in asked:
+                        pipeline.exists(Job.key_for(call.job_id))
+                    held_ids = {
+                        call.pk for call, exists in zip(asked, pipeline.execute(), strict=True) if exists
+                    }
             per_queue: dict[str, tuple[Queue, list[EnqueueData]]] = {}
-            for (queue, call), exists in zip(entries, held, strict=True):
-                if exists:  # RQ holds this attempt's job already (pushed by recovery)
+            for queue, call in entries:
+                if call.pk in held_ids:  # RQ holds this attempt's job already (pushed by recovery)
                     logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
                 else:
                     per_queue.setdefault(queue.name, (queue, []))[1].append(_job_data(queue, call))
