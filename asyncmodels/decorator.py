@@ -8,6 +8,7 @@ import functools
 import hashlib
 import inspect
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, overload
 
@@ -323,6 +324,7 @@ def make_call(
     )
 
     def write() -> MethodCall:
+        setattr(row, dispatch.WRITTEN_AT, time.monotonic())  # before the INSERT takes enqueued_at
         row.save(using=database, force_insert=True)
         if call_tags:
             MethodCallTag.objects.using(database).bulk_create(
@@ -462,6 +464,7 @@ def make_calls(
         # One reading of the database's clock for all rows: with no expression left in any row,
         # Django inserts them on PostgreSQL with one array per column (UNNEST), not a placeholder
         # per value, and compiles no expression per row.
+        written_at = time.monotonic()  # before the clock reading that becomes enqueued_at
         now = database_now(database)
         enqueued_at = now if state == CallState.ENQUEUED else None
         rows: list[MethodCall] = []
@@ -486,6 +489,7 @@ def make_calls(
                 unique_key=key,
                 exclusive_key=_exclusive_key(entry, instance, options),
             )
+            setattr(row, dispatch.WRITTEN_AT, written_at)
             rows.append(row)
             row_tags.append(call_tags)
             if key is not None:

@@ -13,6 +13,7 @@ import collections
 import logging
 import math
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from . import conf
@@ -210,6 +211,23 @@ def enqueued_at_insert(database: str) -> bool:
     return conf.get_backend_name() == "rq" and not transaction.get_connection(database).savepoint_ids
 
 
+#: Set on a call written ``enqueued``: ``time.monotonic()`` taken just before its row was written.
+WRITTEN_AT = "_asyncmodels_written_at"
+
+
+def _unpushed_for_sure(call: MethodCall) -> bool:
+    """Whether nobody can have pushed ``call`` before its own commit hook: it was written
+    ``enqueued`` less than half of ``PUSH_GRACE_SECONDS`` ago, and recovery pushes an ``enqueued``
+    call again only once its ``enqueued_at`` (taken after ``WRITTEN_AT``) is older than the grace.
+    A transaction held open longer than that must ask RQ first, like any other push."""
+    from .models import CallState
+
+    written: float | None = getattr(call, WRITTEN_AT, None)
+    if call.state != CallState.ENQUEUED or written is None:
+        return False
+    return time.monotonic() - written < conf.get_duration("PUSH_GRACE_SECONDS").total_seconds() / 2
+
+
 def push_on_commit(call: MethodCall, *, scheduled: bool = False) -> None:
     """Push ``call`` once the transaction on its database commits (at once outside a transaction).
 
@@ -297,8 +315,8 @@ def push_many(calls: list[MethodCall]) -> int:
     Calls written ``pending`` are first checked still to be (one ``SELECT``: rows rolled back
     with a savepoint are gone); calls written ``enqueued`` (``enqueued_at_insert``) committed
     with their hook and need no check. Then per Redis connection one pipeline asking which job
-    ids RQ holds already (for the calls not written ``enqueued``: nobody pushed those before
-    this hook) and one pipeline enqueueing the others, and one ``UPDATE`` marking the
+    ids RQ holds already (not for calls just written ``enqueued``: ``_unpushed_for_sure``) and
+    one pipeline enqueueing the others, and one ``UPDATE`` marking the
     ``pending`` ones ``enqueued``. A Redis failure leaves them ``pending`` with the reason (those
     written ``enqueued`` go back to ``pending``), for recovery, like ``push()``. Never raises.
     """
@@ -339,9 +357,8 @@ def push_many(calls: list[MethodCall]) -> int:
     for first_queue, entries in by_connection.values():
         connection = first_queue.connection
         try:
-            # A call written `enqueued` was pushed by nobody before this commit hook: only the
-            # others (pushed again, by recovery say) may be held by RQ already.
-            asked = [call for _, call in entries if call.state != CallState.ENQUEUED]
+            # Only calls that someone else may have pushed already (recovery, say) are asked about.
+            asked = [call for _, call in entries if not _unpushed_for_sure(call)]
             held_ids: set[int] = set()
             if asked:
                 with connection.pipeline(transaction=False) as pipeline:

@@ -84,6 +84,9 @@ os.environ.update(
     ASYNCMODELS_DB="postgres",
     ASYNCMODELS_PG_NAME=DATABASE,
     ASYNCMODELS_REDIS_URL=_redis_url(ARGS.redis_db),
+    # Persistent database connections, as deployed (README, Run workers): without them every
+    # job of a non-forking worker opens a new connection (Django closes it after each job).
+    ASYNCMODELS_CONN_MAX_AGE="60",
 )
 
 import django  # noqa: E402

@@ -75,6 +75,11 @@ if os.environ.get("ASYNCMODELS_DB", "sqlite") == "postgres":
         "PORT": os.environ.get("ASYNCMODELS_PG_PORT", "5432"),
         "USER": os.environ.get("ASYNCMODELS_PG_USER", "postgres"),
         "PASSWORD": os.environ.get("ASYNCMODELS_PG_PASSWORD", ""),
+        # Persistent connections (Django's CONN_MAX_AGE, seconds; 0, the default, closes each
+        # at the end of a request or job), checked before reuse. The benchmarks set 60, as a
+        # deployment would: a non-forking worker then keeps one connection across jobs.
+        "CONN_MAX_AGE": int(os.environ.get("ASYNCMODELS_CONN_MAX_AGE", "0")),
+        "CONN_HEALTH_CHECKS": True,
     }
     DATABASES = {
         "default": {**_pg, "NAME": _pg_name},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from django.contrib.contenttypes.models import ContentType
@@ -26,12 +27,24 @@ pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "othe
 
 
 def test_a_bulk_call_is_one_insert_and_one_push_for_all_objects(
-    queued_jobs: Callable[..., int], run_worker: RunWorker
+    queued_jobs: Callable[..., int], run_worker: RunWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import redis.client
+
+    pipelines: list[int] = []
+    real_execute = redis.client.Pipeline.execute
+
+    def counting_execute(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        pipelines.append(len(self.command_stack))
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting_execute)
     echoes = [Echo.objects.create() for _ in range(60)]
     ContentType.objects.get_for_model(Echo)
     with CaptureQueriesContext(connection) as queries:
         calls = Echo.bump.bulk_call(echoes)
+    # Just written, so nobody can hold their jobs yet: no pipeline asking RQ, one enqueueing.
+    assert len(pipelines) == 1
     statements = [
         q["sql"].split()[0] for q in queries.captured_queries if "asyncmodels_methodcall" in q["sql"]
     ]
@@ -43,6 +56,10 @@ def test_a_bulk_call_is_one_insert_and_one_push_for_all_objects(
     assert inserts == 1 or connection.vendor == "sqlite"
     assert [call.object_id for call in calls] == [str(echo.pk) for echo in echoes]
     assert {call.state for call in calls} == {CallState.ENQUEUED}
+    # One reading of the database's clock for every row, stored as written.
+    stored = set(MethodCall.objects.values_list("created_at", "enqueued_at"))
+    assert len(stored) == 1 and stored == {(calls[0].created_at, calls[0].enqueued_at)}
+    assert calls[0].created_at == calls[0].enqueued_at
     assert queued_jobs() == 60
     run_worker()
     assert list(Echo.objects.values_list("hits", flat=True).distinct()) == [1]

@@ -179,6 +179,7 @@ def test_a_failing_push_does_not_break_the_commit_or_drop_other_hooks(
     def broken_push_many(calls: list[MethodCall]) -> int:
         raise RuntimeError("unexpected failure inside push")
 
+    real_push_many = dispatch.push_many
     monkeypatch.setattr(dispatch, "push_many", broken_push_many)
     ran: list[str] = []
     first, second = Echo.objects.create(), Echo.objects.create()
@@ -194,7 +195,7 @@ def test_a_failing_push_does_not_break_the_commit_or_drop_other_hooks(
     # which recovery finds once the grace has passed (as after a process killed at the commit).
     assert (lost.state, also_lost.state) == (CallState.ENQUEUED, CallState.ENQUEUED)
     assert queued_jobs() == 0
-    monkeypatch.undo()
+    monkeypatch.setattr(dispatch, "push_many", real_push_many)
     MethodCall.objects.update(enqueued_at=Now() - datetime.timedelta(minutes=5))
     assert recover_stranded_calls().repushed_enqueued == 2
     assert queued_jobs() == 2
@@ -266,7 +267,9 @@ def test_a_batch_keeps_each_calls_job_options_and_skips_jobs_rq_holds(
     with transaction.atomic():
         sleepy = echo.sleepy(0)
         plain = echo.bump()
-        # Recovery (or anyone) pushed this attempt already: the batch must not push it twice.
+        # A transaction held open past the grace: recovery may have pushed this attempt after the
+        # commit, before this hook (enqueued here, as if it had): the batch must not push it twice.
+        setattr(plain, dispatch.WRITTEN_AT, getattr(plain, dispatch.WRITTEN_AT) - 3600)
         dispatch.get_queue("default").enqueue(dispatch.JOB_FUNCTION, plain.pk, "default", job_id=plain.job_id)
     fetched = Job.fetch(f"asyncmodels-default-{sleepy.pk}-1", connection=redis_connection)
     assert fetched.timeout == 1 and fetched.args == [sleepy.pk, "default"] and fetched.result_ttl == 0
