@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import django_rq
 import fakeredis
@@ -33,6 +33,9 @@ from redis.retry import Retry
 from rq import Queue, SimpleWorker
 
 from testproject.redis_server import RedisServer, free_port, redis_binary
+
+if TYPE_CHECKING:
+    from asyncmodels.models import MethodCall
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = os.environ.get("ASYNCMODELS_TEST_SERVICES", "fake")
@@ -226,3 +229,11 @@ def dead_queue(name: str = "default") -> Queue:
     """An RQ queue whose Redis refuses connections at once (nothing listens on port 1)."""
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     return Queue(name, connection=client)
+
+
+def won_claim(result: int | MethodCall) -> bool:
+    """Whether ``asyncmodels.job._claim`` says this process claimed the call: it returns the
+    claimed row where the database returns updated rows, else 1."""
+    from asyncmodels.models import MethodCall
+
+    return isinstance(result, MethodCall) or result == 1

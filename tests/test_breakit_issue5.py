@@ -16,8 +16,9 @@ from asyncmodels.models import CallState, MethodCall, MethodCallDependency
 from asyncmodels.recovery import recover_stranded_calls
 from testproject.cloud.models import Account, Echo, Instance, Region, Report
 
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+from .conftest import won_claim
 
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
 # -- 1. immediate backend: a dependency chain recurses once per step ----------------------------
 
@@ -147,7 +148,7 @@ def test_report_progress_with_unstorable_text_does_not_break_the_method(run_work
     from asyncmodels.job import _claim
 
     MethodCall.objects.filter(pk=call.pk).update(state=CallState.ENQUEUED)
-    assert _claim(call.pk, "default") == 1
+    assert won_claim(_claim(call.pk, "default"))
     running = MethodCall.objects.get(pk=call.pk)
     for message in ("device said \ud800", "device said \x00"):
         running._progress_written = None  # type: ignore[assignment]

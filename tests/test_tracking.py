@@ -30,7 +30,7 @@ from asyncmodels.registry import get_method_for
 from asyncmodels.tags import tag_for
 from testproject.cloud.models import Account, Echo, Instance, Ledger, Report
 
-from .conftest import RunWorker
+from .conftest import RunWorker, won_claim
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
@@ -94,7 +94,7 @@ def test_for_object_with_a_state_filter_is_one_query(
         with django_assert_num_queries(1):
             failed = list(MethodCall.objects.for_object(account).failed())
         with django_assert_num_queries(1):
-            unfinished = list(MethodCall.objects.for_object(account).pending())
+            unfinished = list(MethodCall.objects.for_object(account).unfinished())
     assert failed == [bad]
     assert unfinished == [pending]
     assert ok in MethodCall.objects.for_object(account).succeeded()
@@ -247,7 +247,7 @@ def test_a_call_finding_its_object_busy_waits_then_runs_when_the_holder_ends(run
     ledger, elsewhere = Ledger.objects.create(), Ledger.objects.create()
     holder, second = ledger.settle(0), ledger.settle(0)
     parallel = elsewhere.settle(0)
-    assert _claim(holder.pk, "default") == 1  # a worker runs the holder now
+    assert won_claim(_claim(holder.pk, "default"))  # a worker runs the holder now
     run_method_call(second.pk)
     second.refresh_from_db()
     assert second.state == CallState.WAITING
@@ -288,7 +288,7 @@ def test_the_end_of_a_holder_releases_one_waiting_call_at_a_time(
 ) -> None:
     ledger = Ledger.objects.create()
     holder, *parked = [ledger.settle(0) for _ in range(4)]
-    assert _claim(holder.pk, "default") == 1
+    assert won_claim(_claim(holder.pk, "default"))
     for call in parked:
         run_method_call(call.pk)
     assert MethodCall.objects.filter(state=CallState.WAITING).count() == 3
@@ -309,7 +309,7 @@ def test_exclusive_groups_share_a_key_per_object() -> None:
     post, audit, settle = ledger.post(0), ledger.audit(0), ledger.settle(0)
     assert post.exclusive_key == audit.exclusive_key != settle.exclusive_key
     assert Ledger.objects.create().post(0).exclusive_key != post.exclusive_key
-    assert _claim(post.pk, "default") == 1
+    assert won_claim(_claim(post.pk, "default"))
     run_method_call(audit.pk)
     audit.refresh_from_db()
     assert audit.state == CallState.WAITING
@@ -318,7 +318,7 @@ def test_exclusive_groups_share_a_key_per_object() -> None:
 def test_recovery_releases_a_waiting_call_whose_holder_ended_unseen(run_worker: RunWorker) -> None:
     ledger = Ledger.objects.create()
     holder, second = ledger.settle(0), ledger.settle(0)
-    assert _claim(holder.pk, "default") == 1
+    assert won_claim(_claim(holder.pk, "default"))
     run_method_call(second.pk)
     # The holder's worker ends it but dies before releasing the next call.
     MethodCall.objects.filter(pk=holder.pk).update(state=CallState.FAILED, finished_at=Now())
@@ -332,7 +332,7 @@ def test_recovery_releases_a_waiting_call_whose_holder_ended_unseen(run_worker: 
 def test_a_lost_holder_releases_the_next_call(run_worker: RunWorker) -> None:
     ledger = Ledger.objects.create()
     holder, second = ledger.settle(0), ledger.settle(0)
-    assert _claim(holder.pk, "default") == 1
+    assert won_claim(_claim(holder.pk, "default"))
     run_method_call(second.pk)
     MethodCall.objects.filter(pk=holder.pk).update(lease_expires_at=Now() - datetime.timedelta(minutes=1))
     report = recover_stranded_calls(["default"])
@@ -513,7 +513,7 @@ def test_progress_reports_are_checked_throttled_and_stored_while_running(
     instance: Instance, settings: object
 ) -> None:
     call = instance.describe()
-    assert _claim(call.pk, "default") == 1
+    assert won_claim(_claim(call.pk, "default"))
     call.refresh_from_db()
     for bad in (-0.1, 1.5, float("nan"), "half", True):
         with pytest.raises(ValueError, match="progress"):
