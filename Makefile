@@ -52,7 +52,7 @@ bench-admin: $(BIN)/.installed
 	$(BIN)/python bench/admin_list.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) var .mypy_cache .ruff_cache .pytest_cache
 
 # The chaos run on PostgreSQL: 500 calls drain while real workers are killed mid-call, the Redis
 # (its own server, never 6379) is flushed and restarted and the database connections are dropped;
@@ -77,3 +77,22 @@ chaos: $(BIN)/.installed
 .PHONY: bench
 bench: $(BIN)/.installed
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+
+# Execution with one worker against two durable peers, django-tasks' database backend
+# (django-tasks-db's db_worker) and Procrastinate, draining the same no-op calls; prints the
+# ratios. The peers go into a virtualenv of the benchmark's own ($(BENCH_VENV)), never into the
+# library's dependencies. PostgreSQL databases asyncmodels_bench_peers* (dropped at the end),
+# Redis db 6. BENCH_PEERS_ARGS='--quick' is the < 60 s smoke test; '--calls 1000 --repeat 5'.
+BENCH_VENV ?= .venv-bench
+BENCH_PEERS_ARGS ?=
+PEERS_SPEC ?= django-tasks>=0.12 django-tasks-db>=0.13 procrastinate>=3.10
+
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -e ".[dev]" "$(DJANGO_SPEC)" $(PEERS_SPEC)
+	touch $@
+
+.PHONY: bench-peers
+bench-peers: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/peers.py $(BENCH_PEERS_ARGS)

@@ -39,11 +39,11 @@ import django  # noqa: E402
 
 django.setup()
 
-import psycopg  # noqa: E402
 from django.contrib import admin  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from asyncmodels.models import MethodCall  # noqa: E402
+from bench.databases import create_databases, drop_databases  # noqa: E402
 from testproject.urls import urlpatterns as project_urlpatterns  # noqa: E402
 
 
@@ -65,43 +65,9 @@ stock_site.register(MethodCall, StockMethodCallAdmin)
 urlpatterns = [path("stock-admin/", stock_site.urls), *project_urlpatterns]
 
 
-def _connect(dbname: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(host="127.0.0.1", user="postgres", dbname=dbname, autocommit=True)
-
-
 #: Written on the databases this script creates; it never seeds, nor drops, one without it.
 MARKER = "made by asyncmodels bench/admin_list.py"
-
-
-def _create_database() -> None:
-    """Create the benchmark's databases, or reuse ones an earlier run made (and kept)."""
-    with _connect("postgres") as conn:
-        for name in (DATABASE, DATABASE + "_other"):  # the settings' second alias opens the latter
-            found = conn.execute(
-                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
-            ).fetchone()
-            if found is None:
-                conn.execute(f'CREATE DATABASE "{name}"')
-                conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{MARKER}'")
-            elif found[0] != MARKER:
-                raise SystemExit(
-                    f"database {name!r} exists and was not made by this benchmark; "
-                    "set ASYNCMODELS_BENCH_DB to another name"
-                )
-
-
-def _drop_database() -> None:
-    """Drop the benchmark's databases (only ever ones that carry MARKER)."""
-    from django.db import connections
-
-    connections.close_all()
-    with _connect("postgres") as conn:
-        for name in (DATABASE, DATABASE + "_other"):
-            found = conn.execute(
-                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
-            ).fetchone()
-            if found is not None and found[0] == MARKER:
-                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+DATABASES = (DATABASE, DATABASE + "_other")  # the settings' second alias opens the latter
 
 
 def _seed(rows: int) -> None:
@@ -199,7 +165,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database for the next run")
     args = parser.parse_args()
 
-    _create_database()
+    create_databases(DATABASES, MARKER, "set ASYNCMODELS_BENCH_DB to another name")
     from django.conf import settings
 
     settings.ROOT_URLCONF = __name__
@@ -285,7 +251,7 @@ def main() -> int:
         print(tabulate(plans, headers=["page", "scans"], maxcolwidths=[None, 100]))
     finally:
         if not args.keep:
-            _drop_database()
+            drop_databases(DATABASES, MARKER)
     return 0
 
 

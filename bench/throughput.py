@@ -36,18 +36,18 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.options import benchmark_parser  # noqa: E402
+
 DATABASE = os.environ.get("ASYNCMODELS_BENCH_DB", "asyncmodels_bench_tp")
 
 
@@ -56,16 +56,11 @@ def _redis_url(db: int) -> str:
 
 
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, redis_db=4)
     parser.add_argument("--calls", type=int, default=1000, help="calls per enqueue measurement (1000)")
     parser.add_argument("--batch", type=int, default=100, help="calls per transaction, batched row (100)")
     parser.add_argument("--bulk", type=int, default=2000, help="objects per bulk_call (2000)")
     parser.add_argument("--jobs", type=int, default=200, help="calls drained per execution run (200)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians (3)")
-    parser.add_argument("--redis-db", type=int, default=4, help="Redis database number, flushed (4)")
-    parser.add_argument("--keep", action="store_true", help="keep the benchmark databases afterwards")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -93,59 +88,27 @@ import django  # noqa: E402
 
 django.setup()
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 from django.contrib.contenttypes.models import ContentType  # noqa: E402
-from django.db import connection, connections, transaction  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
 from rq import Queue  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from asyncmodels.dispatch import get_queue  # noqa: E402
 from asyncmodels.models import CallState, MethodCall  # noqa: E402
+from bench.databases import create_databases, drop_databases  # noqa: E402
+from bench.workers import WorkerProcesses  # noqa: E402
 from testproject.cloud.models import Echo  # noqa: E402
 
 #: Written on the databases this script creates; it never uses, nor drops, one without it.
 MARKER = "made by asyncmodels bench/throughput.py"
+HINT = "set ASYNCMODELS_BENCH_DB to another name"
+DATABASES = (DATABASE, DATABASE + "_other")  # the workers' recovery passes open the latter
 NOOP = "testproject.cloud.bench_jobs.noop"
 CLAIM_AND_FINISH = "testproject.cloud.bench_jobs.claim_and_finish"
 QUEUE = "default"
 FORKING = "asyncmodels.worker.Worker"
 SIMPLE = "asyncmodels.worker.SimpleWorker"
-
-
-def _connect(dbname: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(host="127.0.0.1", user="postgres", dbname=dbname, autocommit=True)
-
-
-def _marker_of(conn: psycopg.Connection[Any], name: str) -> tuple[str | None] | None:
-    return conn.execute(
-        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", [name]
-    ).fetchone()
-
-
-def _create_databases() -> None:
-    """Create the benchmark's databases, or reuse ones an earlier run made (and kept)."""
-    with _connect("postgres") as conn:
-        for name in (DATABASE, DATABASE + "_other"):  # the workers' recovery passes open the latter
-            found = _marker_of(conn, name)
-            if found is None:
-                conn.execute(f'CREATE DATABASE "{name}"')
-                conn.execute(f"COMMENT ON DATABASE \"{name}\" IS '{MARKER}'")
-            elif found[0] != MARKER:
-                raise SystemExit(
-                    f"database {name!r} exists and was not made by this benchmark; "
-                    "set ASYNCMODELS_BENCH_DB to another name"
-                )
-
-
-def _drop_databases() -> None:
-    """Drop the benchmark's databases (only ever ones that carry MARKER)."""
-    connections.close_all()
-    with _connect("postgres") as conn:
-        for name in (DATABASE, DATABASE + "_other"):
-            found = _marker_of(conn, name)
-            if found is not None and found[0] == MARKER:
-                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 class Bench:
@@ -160,7 +123,7 @@ class Bench:
             Echo.objects.all().delete()
             Echo.objects.bulk_create(Echo(note=f"bench {i}") for i in range(size))
         self.echos = list(Echo.objects.order_by("pk")[:size])
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers = WorkerProcesses()
 
     def reset(self) -> None:
         """Empty the calls table and the Redis database: each measurement starts alike."""
@@ -295,37 +258,13 @@ class Bench:
         command = [
             sys.executable, "manage.py", "rqworker", "--burst", "--worker-class", worker_class, QUEUE,
         ]  # fmt: skip
-        with tempfile.TemporaryFile() as log:  # the workers' output, shown if they fail
-            started = time.perf_counter()
-            self.workers = [
-                subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
-                for _ in range(count)
-            ]
-            deadline = started + max(120.0, ARGS.jobs / 5)
-            try:
-                for worker in self.workers:
-                    worker.wait(timeout=max(deadline - time.perf_counter(), 0.1))
-            except subprocess.TimeoutExpired:
-                raise SystemExit(f"workers ({worker_class}) did not drain {ARGS.jobs} jobs in time") from None
-            elapsed = time.perf_counter() - started
-            failures = [worker.returncode for worker in self.workers if worker.returncode]
-            self.workers = []
-            if failures or self.queue.count or not check():
-                log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace")[-5000:])
-                raise SystemExit(
-                    f"{worker_class}: exit codes {failures}, {self.queue.count} jobs left, "
-                    f"{self._finished_calls()} of {ARGS.jobs} calls succeeded"
-                )
+        elapsed = self.workers.run(command, count, env, timeout=max(120.0, ARGS.jobs / 5))
+        if self.queue.count or not check():
+            self.workers.fail(
+                f"{worker_class}: {self.queue.count} jobs left, "
+                f"{self._finished_calls()} of {ARGS.jobs} calls succeeded"
+            )
         return elapsed
-
-    def stop_workers(self) -> None:
-        """Kill the workers this script started, if any still run (an interrupted run)."""
-        for worker in self.workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-        self.workers = []
 
     # --- checks ----------------------------------------------------------------------------------
 
@@ -440,7 +379,7 @@ def _header() -> None:
 
 
 def main() -> int:
-    _create_databases()
+    create_databases(DATABASES, MARKER, HINT)
     from django.core.management import call_command
 
     bench: Bench | None = None
@@ -493,12 +432,12 @@ def main() -> int:
         )
     finally:
         if bench is not None:
-            bench.stop_workers()
+            bench.workers.stop()
             bench.redis.flushdb()
         else:
             redis.Redis.from_url(_redis_url(ARGS.redis_db)).flushdb()
         if not ARGS.keep:
-            _drop_databases()
+            drop_databases(DATABASES, MARKER)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks, run as scripts (``python bench/throughput.py``); this package holds their shared parts."""
