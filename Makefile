@@ -85,7 +85,7 @@ bench: $(BIN)/.installed
 # Redis db 6. BENCH_PEERS_ARGS='--quick' is the < 60 s smoke test; '--calls 1000 --repeat 5'.
 BENCH_VENV ?= .venv-bench
 BENCH_PEERS_ARGS ?=
-PEERS_SPEC ?= django-tasks>=0.12 django-tasks-db>=0.13 procrastinate>=3.10
+PEERS_SPEC ?= 'django-tasks>=0.12' 'django-tasks-db>=0.13' 'procrastinate>=3.10'
 
 $(BENCH_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(BENCH_VENV)
