@@ -43,8 +43,10 @@ from .models import (
     CLAIMABLE_STATES,
     CallState,
     MethodCall,
+    has_dependents_sql,
     honour_cancel_request,
     update_returning,
+    update_returning_sql,
     updates_return_rows,
 )
 from .options import retry_policy_from_row
@@ -220,7 +222,8 @@ def after_attempt(call: MethodCall) -> None:
     try:
         if call.exclusive_key is not None:
             exclusive.release_next(call.exclusive_key, database)
-        dependencies.settle_dependents(call)
+        if getattr(call, HAS_DEPENDENTS, True):  # unknown (recovery, no RETURNING): look
+            dependencies.settle_dependents(call)
     except Exception:
         logger.exception("Could not release the calls that follow call %s; recovery will.", call.pk)
 
@@ -415,17 +418,35 @@ def _storable_text(text: str) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+#: Set on a call by ``_finish``: whether calls wait for it, read in the finishing statement
+#: (``after_attempt`` skips looking for them when none did).
+HAS_DEPENDENTS = "_asyncmodels_has_dependents"
+
+
 def _finish(call: MethodCall, **changes: Any) -> bool:
-    """Apply ``changes`` if the row is still this attempt's; return whether it was."""
+    """Apply ``changes`` if the row is still this attempt's; return whether it was.
+
+    Where the database returns updated rows, the same statement says whether any call waits
+    for this one (``HAS_DEPENDENTS``), sparing ``after_attempt`` a query for the usual call that
+    none waits for. A dependent committed while this very statement runs may be missed by both
+    sides (its own on-commit check read this call still running): it stays ``waiting`` until the
+    next recovery pass settles it, never lost.
+    """
     database = call._state.db or "default"
-    updated = _reconnecting(
-        database,
-        lambda: (
-            MethodCall.objects.using(database)
-            .filter(pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
-            .update(lease_expires_at=None, **changes)
-        ),
+    queryset = MethodCall.objects.using(database).filter(
+        pk=call.pk, state=CallState.RUNNING, attempts=call.attempts
     )
+    values = {"lease_expires_at": None, **changes}
+
+    def update() -> int:
+        if not updates_return_rows(database):
+            return queryset.update(**values)
+        rows = update_returning_sql(queryset, values, has_dependents_sql(database))
+        if rows:
+            setattr(call, HAS_DEPENDENTS, bool(rows[0][0]))
+        return len(rows)
+
+    updated = _reconnecting(database, update)
     if not updated:
         logger.warning(
             "Call %s changed state while attempt %s ran; its outcome was not recorded.",

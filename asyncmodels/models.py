@@ -638,19 +638,12 @@ def update_returning(queryset: models.QuerySet[M], changes: dict[str, Any]) -> t
     again to say why. Raises what ``update()`` raises (``IntegrityError`` and so on).
     """
     from django.db import connections
-    from django.db.models.sql import UpdateQuery
 
     model = queryset.model
     database = queryset.db
-    connection = connections[database]
+    quote = connections[database].ops.quote_name
     fields = list(model._meta.concrete_fields)
-    query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
-    query.add_update_values(changes)
-    sql, params = query.get_compiler(database).as_sql()
-    columns = ", ".join(connection.ops.quote_name(str(field.column)) for field in fields)
-    with connection.cursor() as cursor:
-        cursor.execute(f"{sql} RETURNING {columns}", params)
-        rows = cursor.fetchall()
+    rows = update_returning_sql(queryset, changes, ", ".join(quote(str(field.column)) for field in fields))
     try:
         compiler = queryset.query.get_compiler(database)
         converters = compiler.get_converters([field.get_col(model._meta.db_table) for field in fields])
@@ -661,6 +654,36 @@ def update_returning(queryset: models.QuerySet[M], changes: dict[str, Any]) -> t
     except Exception:
         return len(rows), []
     return len(rows), instances
+
+
+def update_returning_sql(
+    queryset: models.QuerySet[Any], changes: dict[str, Any], returning: str
+) -> list[Any]:
+    """Run ``queryset.update(**changes)`` as ``UPDATE … RETURNING <returning>`` (SQL, evaluated on
+    each changed row; see ``updates_return_rows``) and return the raw rows."""
+    from django.db import connections
+    from django.db.models.sql import UpdateQuery
+
+    query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
+    query.add_update_values(changes)
+    sql, params = query.get_compiler(queryset.db).as_sql()
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {returning}", params)
+        return list(cursor.fetchall())
+
+
+def has_dependents_sql(database: str) -> str:
+    """SQL true for a ``MethodCall`` row that some call waits for (``MethodCallDependency``), to
+    return from an ``UPDATE`` of that row (``update_returning_sql``)."""
+    from django.db import connections
+
+    quote = connections[database].ops.quote_name
+    links = quote(MethodCallDependency._meta.db_table)
+    calls = quote(MethodCall._meta.db_table)
+    depends_on = quote(str(MethodCallDependency._meta.get_field("depends_on").column))
+    pk = quote(str(MethodCall._meta.pk.column))
+    # Quoted names from the models' own metadata: no value of anyone's is spliced in.
+    return f"EXISTS (SELECT 1 FROM {links} WHERE {links}.{depends_on} = {calls}.{pk})"  # noqa: S608
 
 
 def database_now(database: str) -> datetime.datetime:

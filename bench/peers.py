@@ -73,6 +73,9 @@ os.environ.update(
     # One recovery pass as the worker starts, none in the middle; no per-call log lines.
     ASYNCMODELS_RECOVERY_INTERVAL_SECONDS="3600",
     ASYNCMODELS_LOG_LEVEL="WARNING",
+    # Persistent database connections for every system alike, as deployed (each closes its
+    # connection after every call or task with Django's default CONN_MAX_AGE of 0).
+    ASYNCMODELS_CONN_MAX_AGE="60",
 )
 
 import django  # noqa: E402

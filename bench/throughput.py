@@ -82,6 +82,7 @@ os.environ.update(
     # Persistent database connections, as deployed (README, Run workers): without them every
     # job of a non-forking worker opens a new connection (Django closes it after each job).
     ASYNCMODELS_CONN_MAX_AGE="60",
+    DJANGO_DEBUG="0",  # as deployed: no query log, no debug pages
 )
 
 import django  # noqa: E402
