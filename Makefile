@@ -51,6 +51,17 @@ BENCH_ARGS ?=
 bench-admin: $(BIN)/.installed
 	$(BIN)/python bench/admin_list.py $(BENCH_ARGS)
 
+# Issue 6's scale targets on PostgreSQL + Redis (db 7): a recovery pass over a million finished
+# calls with a hundred stranded ones (against the same pass over a table holding only them), the
+# plan of every statement recovery, a call, the job and the admin list send, and two real workers'
+# memory after 100 and 10,000 calls. Its own database (asyncmodels_bench_scale, or
+# $$ASYNCMODELS_BENCH_DB), dropped at the end. SCALE_ARGS='--quick' is the < 60 s smoke test.
+SCALE_ARGS ?=
+
+.PHONY: bench-scale
+bench-scale: $(BIN)/.installed
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) var .mypy_cache .ruff_cache .pytest_cache
 
