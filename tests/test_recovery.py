@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models.functions import Now
+from django.test.utils import CaptureQueriesContext
 from pytest_django import DjangoAssertNumQueries
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -235,6 +237,37 @@ def test_a_pass_with_nothing_to_do_is_five_indexed_queries(
     # due, pending, enqueued, lost leases, waiting: one partial-index read each.
     with django_assert_num_queries(5):
         assert recover_stranded_calls(["default"]).total == 0
+
+
+@pytest.mark.skipif(
+    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"), reason="PostgreSQL plans"
+)
+def test_a_pass_reads_its_partial_indexes_never_the_whole_table() -> None:
+    """Every read of a pass (moving a call of each kind, and idle) can be served by an index: with
+    sequential scans priced out, no plan scans the calls table (bench/scale.py EXPLAINs them on a
+    million rows)."""
+    calls = [Echo.objects.create().bump() for _ in range(4)]
+    _age(calls[0], enqueued_at=True)  # enqueued, its job flushed below
+    MethodCall.objects.filter(pk=calls[1].pk).update(state=CallState.PENDING, created_at=Now() - AGES_AGO)
+    MethodCall.objects.filter(pk=calls[2].pk).update(state=CallState.SCHEDULED, run_after=Now())
+    _claimed_then_lost(calls[3])
+    dispatch.get_queue("default").connection.flushdb()
+    with CaptureQueriesContext(connection) as moving:
+        assert recover_stranded_calls(["default"]).total == 4
+    with CaptureQueriesContext(connection) as idle:
+        assert recover_stranded_calls(["default"]).total == 0
+    reads = {
+        query["sql"]
+        for query in [*moving.captured_queries, *idle.captured_queries]
+        if query["sql"].startswith("SELECT") and "asyncmodels_methodcall" in query["sql"]
+    }
+    assert len(reads) >= 5, reads
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # tiny tables: ask what it *can* do
+        for sql in reads:
+            cursor.execute("EXPLAIN " + sql)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "Seq Scan on asyncmodels_methodcall " not in plan, (sql, plan)
 
 
 def test_recover_command_prints_a_summary_and_fails_on_unknown_database(dead_redis: None) -> None:
