@@ -205,10 +205,18 @@ def enqueued_at_insert(database: str) -> bool:
     ``TestCase``) a call is written ``pending`` and marked ``enqueued`` once pushed: it may be
     rolled back without its transaction, and in a test that never commits it must stay
     ``pending`` (DESIGN.md: "in Django's TestCase nothing commits, so a call stays pending").
+    That includes a call made in ``setUpTestData``: no savepoint is open there, but the
+    outermost block is the TestCase's own, which is rolled back, never committed.
     """
     from django.db import transaction
 
-    return conf.get_backend_name() == "rq" and not transaction.get_connection(database).savepoint_ids
+    if conf.get_backend_name() != "rq":
+        return False
+    connection = transaction.get_connection(database)
+    if connection.savepoint_ids:
+        return False
+    # Django marks the atomic blocks a TestCase opens around its class (and its tests).
+    return not any(getattr(block, "_from_testcase", False) for block in connection.atomic_blocks)
 
 
 #: Set on a call written ``enqueued``: ``time.monotonic()`` taken just before its row was written.
