@@ -177,19 +177,33 @@ def _note_push_failure(call: MethodCall, exc: Exception) -> None:
 def _back_to_pending(calls: list[MethodCall], reason: str) -> None:
     """After a failed push: ``calls`` still ``pending`` get the reason; those written ``enqueued``
     (``enqueued_at_insert``) go back to ``pending`` with it. A call a worker claimed meanwhile
-    (the push reached Redis after all) is left alone. Never raises."""
+    (the push reached Redis after all) is left alone. Never raises.
+
+    A call set back to ``pending`` loses its ``enqueued_at`` (the INSERT's, or an earlier push's
+    whose job is gone): Redis does not hold it, and the admin must not say it was enqueued."""
+    from django.db.models import Case, DateTimeField, F, Value, When
+
     from .models import CallState, MethodCall
 
     try:
         MethodCall.objects.using(calls[0]._state.db).filter(
             pk__in=[call.pk for call in calls], state__in=[CallState.PENDING, CallState.ENQUEUED]
-        ).update(state=CallState.PENDING, state_reason=reason[:2000])
+        ).update(
+            state=CallState.PENDING,
+            state_reason=reason[:2000],
+            enqueued_at=Case(
+                When(state=CallState.ENQUEUED, then=Value(None, output_field=DateTimeField())),
+                default=F("enqueued_at"),
+                output_field=DateTimeField(),
+            ),
+        )
     except Exception:
         logger.exception("Could not record the failed push of %s call(s).", len(calls))
         return
     for call in calls:
         if call.state == CallState.ENQUEUED:
             call.state = CallState.PENDING
+            call.enqueued_at = None
 
 
 def enqueued_at_insert(database: str) -> bool:

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import pytest
+from django.contrib.admin.sites import site
+from django.db import transaction
 from django.test import TestCase
 
+from asyncmodels import dispatch
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Echo
+
+from .conftest import dead_queue
+
+DB = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
 # -- 1. a call made in setUpTestData is written enqueued and never pushed -----------------------
 
@@ -35,3 +43,31 @@ class CallMadeInSetUpTestDataTests(TestCase):
         self.assertEqual(row.state, CallState.PENDING)
         self.assertIsNone(row.enqueued_at)
         self.assertEqual(self.call.state, CallState.PENDING)
+
+
+# -- 2. a call written enqueued whose push failed keeps its enqueued_at -------------------------
+
+
+@DB
+def test_a_call_whose_push_failed_shows_no_enqueued_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call written `enqueued` (top level, or autocommit) whose push fails goes back to `pending`
+    with the reason, but kept the INSERT's enqueued_at: the admin then shows an "enqueued" time
+    for a call Redis never held (and so does the row once it is cancelled), where the same call
+    made in a savepoint, or before issue 6, has none."""
+    monkeypatch.setattr(dispatch, "get_queue", lambda name: dead_queue(name))
+    echo = Echo.objects.create()
+    single = echo.bump()  # autocommit: pushed (and failed) at once
+    with transaction.atomic():
+        batch = [echo.bump() for _ in range(2)]
+        with transaction.atomic():
+            in_savepoint = echo.bump()
+    bulk = Echo.bump.bulk_call(Echo.objects.filter(pk=echo.pk))
+    admin = site._registry[MethodCall]
+    for call in [single, *batch, in_savepoint, *bulk]:
+        row = MethodCall.objects.get(pk=call.pk)
+        assert row.state == CallState.PENDING and row.state_reason.startswith("The push to queue")
+        assert row.enqueued_at is None, (call.pk, row.enqueued_at)
+        assert admin.enqueued_time(row) == "-"  # type: ignore[attr-defined]
+        assert call.enqueued_at is None
+    single.cancel()
+    assert MethodCall.objects.get(pk=single.pk).enqueued_at is None
