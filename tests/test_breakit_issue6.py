@@ -4,7 +4,7 @@ one-transaction recovery steps) found, each pinned by a test that failed before 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from django.contrib.admin.sites import site
@@ -29,7 +29,7 @@ class CallMadeInSetUpTestDataTests(TestCase):
     enqueued_at_insert() wrote the call `enqueued` although that transaction never commits and
     nothing will ever push it: the test sees a call claiming to be in Redis that no job holds."""
 
-    databases: ClassVar[Any] = {"default", "other"}
+    databases = {"default", "other"}
     call: ClassVar[MethodCall]
 
     @classmethod
