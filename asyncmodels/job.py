@@ -430,7 +430,8 @@ def _finish(call: MethodCall, **changes: Any) -> bool:
     for this one (``HAS_DEPENDENTS``), sparing ``after_attempt`` a query for the usual call that
     none waits for. A dependent committed while this very statement runs may be missed by both
     sides (its own on-commit check read this call still running): it stays ``waiting`` until the
-    next recovery pass settles it, never lost.
+    next recovery pass settles it, never lost. Inside a transaction (``atomic=True``) the answer
+    is not used: the window would last until that transaction commits.
     """
     database = call._state.db or "default"
     queryset = MethodCall.objects.using(database).filter(
@@ -442,7 +443,10 @@ def _finish(call: MethodCall, **changes: Any) -> bool:
         if not updates_return_rows(database):
             return queryset.update(**values)
         rows = update_returning_sql(queryset, values, has_dependents_sql(database))
-        if rows:
+        # Inside a transaction (atomic=True) a dependent may commit after this statement and
+        # before ours: its check reads this call still running, and this answer predates it.
+        # Only an autocommit statement's answer holds at its own commit; otherwise, look after.
+        if rows and not connections[database].in_atomic_block:
             setattr(call, HAS_DEPENDENTS, bool(rows[0][0]))
         return len(rows)
 

@@ -4,14 +4,16 @@ one-transaction recovery steps) found, each pinned by a test that failed before 
 
 from __future__ import annotations
 
-from typing import ClassVar
+import threading
+from typing import Any, ClassVar
 
 import pytest
+from django.conf import settings
 from django.contrib.admin.sites import site
-from django.db import transaction
+from django.db import connections, transaction
 from django.test import TestCase
 
-from asyncmodels import dispatch
+from asyncmodels import dispatch, job
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Echo
 
@@ -71,3 +73,45 @@ def test_a_call_whose_push_failed_shows_no_enqueued_time(monkeypatch: pytest.Mon
         assert call.enqueued_at is None
     single.cancel()
     assert MethodCall.objects.get(pk=single.pk).enqueued_at is None
+
+
+# -- 3. atomic=True: a dependent committed before the method's transaction commits is missed ----
+
+
+@DB
+@pytest.mark.skipif(
+    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"),
+    reason="needs a second writer while the method's transaction is open (SQLite locks the file)",
+)
+def test_a_dependent_made_before_an_atomic_call_commits_is_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finishing UPDATE ... RETURNING EXISTS(dependents) of an atomic=True call runs inside the
+    method's transaction, which commits only afterwards. A dependent committed in between read
+    the call still running (so it waits), and the EXISTS read before it existed (so after_attempt
+    skipped settling): the dependent stayed `waiting` until a recovery pass, where before issue 6
+    the finished call released it at once (after_attempt looked after the commit)."""
+    echo = Echo.objects.create()
+    dependency = echo.bump_atomically()
+    made: list[MethodCall] = []
+    finish = job._finish
+
+    def finish_then_a_dependent_commits(call: MethodCall, **changes: Any) -> bool:
+        recorded = finish(call, **changes)
+        if connections[call._state.db or "default"].in_atomic_block and not made:
+
+            def make_dependent() -> None:
+                try:
+                    made.append(echo.bump.using(after=[dependency])())
+                finally:
+                    connections.close_all()
+
+            thread = threading.Thread(target=make_dependent)
+            thread.start()
+            thread.join(timeout=30)
+        return recorded
+
+    monkeypatch.setattr(job, "_finish", finish_then_a_dependent_commits)
+    MethodCall.objects.filter(pk=dependency.pk).update(state=CallState.PENDING)  # not in Redis
+    job.run_method_call(dependency.pk, "default")
+    assert MethodCall.objects.get(pk=dependency.pk).state == CallState.SUCCEEDED
+    assert made, "the dependent was not made"
+    assert MethodCall.objects.get(pk=made[0].pk).state == CallState.ENQUEUED
