@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.db.models.functions import Now
 
 from .exceptions import InvalidDependencyError
@@ -148,17 +148,20 @@ def settle(call_id: int, database: str) -> str | None:
     turn when it is cancelled. See the module docstring for the rules."""
     state = _settle_one(call_id, database)
     if state == "cancelled":
-        _settle_dependents_of([call_id], database)
+        settle_dependents_of([call_id], database)
     return state
 
 
 def settle_dependents(call: MethodCall) -> None:
     """Settle every ``waiting`` call that waits for ``call`` (after ``call`` ended). One query
     when there are none."""
-    _settle_dependents_of([call.pk], call._state.db or "default")
+    settle_dependents_of([call.pk], call._state.db or "default")
 
 
-def _settle_dependents_of(call_ids: list[int], database: str) -> None:
+def settle_dependents_of(call_ids: list[int], database: str) -> None:
+    """Settle every ``waiting`` call that waits for one of ``call_ids`` (calls on ``database``
+    that ended), and in turn those waiting for a call cancelled here. One query when there are
+    none."""
     from .models import CallState, MethodCallDependency
 
     todo = list(call_ids)
@@ -178,6 +181,51 @@ def _settle_dependents_of(call_ids: list[int], database: str) -> None:
             seen.add(waiting_id)
             if _settle_one(waiting_id, database) == CallState.CANCELLED:
                 todo.append(waiting_id)
+
+
+def cancel_doomed(doomed: dict[int, int], database: str) -> list[int]:
+    """Cancel waiting calls whose dependency failed or was cancelled, all in one ``UPDATE``:
+    ``doomed`` maps each call's id to the id of such a dependency, named in its reason. A
+    compare-and-set from ``waiting``; returns the ids cancelled here. (``settle()`` does one call
+    and reads its dependencies itself.) The caller settles the calls waiting for these in turn
+    (``settle_dependents_of``). Needs ``UPDATE … RETURNING`` (``updates_return_rows``)."""
+    from .models import CallState, MethodCall, update_returning_sql
+
+    manager = MethodCall.objects.using(database)
+    ended = {
+        pk: (method, state)
+        for pk, method, state in manager.filter(pk__in=set(doomed.values())).values_list(
+            "pk", "method", "state"
+        )
+    }
+    reasons = {
+        call_id: f"Call #{depends_on} ({ended[depends_on][0]}), which this call waited for, "
+        f"{ended[depends_on][1]}; this call never ran."
+        for call_id, depends_on in doomed.items()
+        if depends_on in ended
+    }
+    if not reasons:
+        return []
+    quote = connections[database].ops.quote_name
+    rows = update_returning_sql(
+        manager.filter(pk__in=list(reasons), state=CallState.WAITING),
+        {
+            "state": CallState.CANCELLED,
+            "finished_at": Now(),
+            "state_reason": models.Case(
+                *(
+                    models.When(pk=call_id, then=models.Value(reason[:2000]))
+                    for call_id, reason in reasons.items()
+                ),
+                output_field=models.TextField(),
+            ),
+        },
+        f"{quote(MethodCall._meta.db_table)}.{quote(str(MethodCall._meta.pk.column))}",
+    )
+    cancelled = [row[0] for row in rows]
+    for call_id in cancelled:
+        logger.info("Call %s cancelled: %s", call_id, reasons[call_id])
+    return cancelled
 
 
 def _settle_one(call_id: int, database: str) -> str | None:

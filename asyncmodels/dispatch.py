@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import conf
@@ -342,11 +343,9 @@ def push_many(calls: list[MethodCall]) -> int:
     ``pending`` ones ``enqueued``. A Redis failure leaves them ``pending`` with the reason (those
     written ``enqueued`` go back to ``pending``), for recovery, like ``push()``. Never raises.
     """
-    from django.db.models import Case, F, TextField, Value, When
     from django.db.models.functions import Now
-    from rq.job import Job
 
-    from .models import PUSH_FAILURE_PREFIX, CallState, MethodCall
+    from .models import CallState, MethodCall, reason_after_push
 
     database = calls[0]._state.db or "default"
     manager = MethodCall.objects.using(database)
@@ -360,12 +359,50 @@ def push_many(calls: list[MethodCall]) -> int:
     except Exception:
         logger.exception("Could not read %s committed calls to push them; recovery will.", len(calls))
         return 0
+    candidates = [call for call in calls if call.state != CallState.PENDING or call.pk in still_pending]
+    pushed, failures = send_jobs(candidates, ask_first=lambda call: not _unpushed_for_sure(call))
+    for failed, reason in failures:
+        _back_to_pending(failed, reason)
+    to_mark = [call for call in pushed if call.state == CallState.PENDING]
+    if not to_mark:
+        return len(pushed)
+    try:
+        manager.filter(pk__in=[call.pk for call in to_mark], state=CallState.PENDING).update(
+            state=CallState.ENQUEUED,
+            enqueued_at=Now(),
+            state_reason=reason_after_push(),
+        )
+    except Exception:  # pushed, not marked: the job's claim accepts pending calls too
+        logger.exception("Could not mark %s pushed calls enqueued.", len(to_mark))
+        return len(pushed)
+    for call in to_mark:
+        call.state = CallState.ENQUEUED
+    return len(pushed)
+
+
+def send_jobs(
+    calls: list[MethodCall], *, ask_first: Callable[[MethodCall], bool]
+) -> tuple[list[MethodCall], list[tuple[list[MethodCall], str]]]:
+    """Enqueue the generic job of each of ``calls`` (committed, or locked by the caller's
+    transaction; one database), with the ``rq`` backend: per Redis server, one pipeline asking
+    which of the job ids RQ holds already (only for calls where ``ask_first(call)`` is true; such
+    a job is not enqueued again) and one pipeline enqueueing the others. A call whose queue left
+    ``RQ_QUEUES`` is failed (``asyncmodels.UnknownQueue``) and is in neither list.
+
+    Returns ``(sent, failures)``: the calls now held by RQ, and per Redis server that failed, its
+    calls and the reason to record on them (``_back_to_pending`` does, for ``push_many``; recovery
+    does inside its step's transaction). Never raises for a Redis failure; the exception is logged.
+    """
+    from rq.job import Job
+
+    from .models import PUSH_FAILURE_PREFIX
+
     queues = conf.get_rq_queue_names()
     by_connection: dict[str, tuple[Queue, list[tuple[Queue, MethodCall]]]] = {}
     by_name: dict[str, Queue] = {}
     seen: set[int] = set()
     for call in calls:
-        if call.pk in seen or (call.state == CallState.PENDING and call.pk not in still_pending):
+        if call.pk in seen:
             continue
         seen.add(call.pk)
         if call.queue not in queues:
@@ -375,12 +412,12 @@ def push_many(calls: list[MethodCall]) -> int:
             by_name[call.queue] = get_queue(call.queue)
         queue = by_name[call.queue]
         by_connection.setdefault(_server_of(call.queue), (queue, []))[1].append((queue, call))
-    pushed: list[MethodCall] = []
+    sent: list[MethodCall] = []
+    failures: list[tuple[list[MethodCall], str]] = []
     for first_queue, entries in by_connection.values():
         connection = first_queue.connection
         try:
-            # Only calls that someone else may have pushed already (recovery, say) are asked about.
-            asked = [call for _, call in entries if not _unpushed_for_sure(call)]
+            asked = [call for _, call in entries if ask_first(call)]
             held_ids: set[int] = set()
             if asked:
                 with connection.pipeline(transaction=False) as pipeline:
@@ -391,7 +428,7 @@ def push_many(calls: list[MethodCall]) -> int:
                     }
             per_queue: dict[str, tuple[Queue, list[EnqueueData]]] = {}
             for queue, call in entries:
-                if call.pk in held_ids:  # RQ holds this attempt's job already (pushed by recovery)
+                if call.pk in held_ids:  # RQ holds this attempt's job already (pushed by another process)
                     logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
                 else:
                     per_queue.setdefault(queue.name, (queue, []))[1].append(_job_data(queue, call))
@@ -400,34 +437,22 @@ def push_many(calls: list[MethodCall]) -> int:
                     queue.enqueue_many(datas, pipeline=pipeline)
                 pipeline.execute()
         except Exception as exc:
+            names = sorted({call.queue for _, call in entries})
             logger.exception(
-                "Could not push %s calls to Redis; they stay pending for recovery.", len(entries)
+                "Could not push %s call(s) to queue(s) %s; they stay pending for recovery.",
+                len(entries),
+                ", ".join(map(repr, names)),
             )
-            _back_to_pending(
-                [call for _, call in entries],
-                f"{PUSH_FAILURE_PREFIX}s failed ({type(exc).__name__}: {exc}); recovery will push it again.",
+            failures.append(
+                (
+                    [call for _, call in entries],
+                    f"{PUSH_FAILURE_PREFIX} {', '.join(map(repr, names))} failed ({type(exc).__name__}: "
+                    f"{exc}); recovery will push it again.",
+                )
             )
             continue
-        pushed.extend(call for _, call in entries)
-    to_mark = [call for call in pushed if call.state == CallState.PENDING]
-    if not to_mark:
-        return len(pushed)
-    try:
-        manager.filter(pk__in=[call.pk for call in to_mark], state=CallState.PENDING).update(
-            state=CallState.ENQUEUED,
-            enqueued_at=Now(),
-            state_reason=Case(
-                When(state_reason__startswith=PUSH_FAILURE_PREFIX, then=Value("")),
-                default=F("state_reason"),
-                output_field=TextField(),
-            ),
-        )
-    except Exception:  # pushed, not marked: the job's claim accepts pending calls too
-        logger.exception("Could not mark %s pushed calls enqueued.", len(to_mark))
-        return len(pushed)
-    for call in to_mark:
-        call.state = CallState.ENQUEUED
-    return len(pushed)
+        sent.extend(call for _, call in entries)
+    return sent, failures
 
 
 #: Keys of a django-rq queue's settings that shape its jobs, not the Redis it talks to.

@@ -77,6 +77,16 @@ def honour_cancel_request(changes: dict[str, Any]) -> dict[str, Any]:
     return ended
 
 
+def reason_after_push() -> models.Case:
+    """The ``state_reason`` of a call once pushed, as an ``UPDATE`` expression: a failed push's
+    reason (``PUSH_FAILURE_PREFIX``) is obsolete and cleared; another (a retry by hand) still holds."""
+    return models.Case(
+        models.When(state_reason__startswith=PUSH_FAILURE_PREFIX, then=models.Value("")),
+        default=models.F("state_reason"),
+        output_field=models.TextField(),
+    )
+
+
 def _content_type_of(instance: models.Model, database: str) -> Any:
     """The content type of ``instance``'s concrete model on ``database``: from Django's cache if
     it is there, else as a subquery, so a queryset filtering by object stays one query."""
@@ -356,12 +366,7 @@ class MethodCall(models.Model):
             frozenset({CallState.PENDING}),
             state=CallState.ENQUEUED,
             enqueued_at=Now(),
-            # A failed push's reason is obsolete now; another (a retry by hand) still holds.
-            state_reason=models.Case(
-                models.When(state_reason__startswith=PUSH_FAILURE_PREFIX, then=models.Value("")),
-                default=models.F("state_reason"),
-                output_field=models.TextField(),
-            ),
+            state_reason=reason_after_push(),
         )
         if won:
             self.state = CallState.ENQUEUED

@@ -8,40 +8,57 @@ One pass (``recover_stranded_calls()``), on every database that holds ``MethodCa
 3. ``enqueued`` calls older than the grace whose RQ job is gone or dead (Redis flushed,
    restarted, a work horse killed before the claim) are pushed again;
 4. ``running`` calls whose lease expired lost their worker: they are retried (a new attempt,
-   after the backoff) if their policy allows another attempt, else ``failed`` with a reason.
+   after the backoff) if their policy allows another attempt, else ``failed`` with a reason;
+5. ``waiting`` calls that can move are settled: cancelled if a call they wait for failed or was
+   cancelled, released (pushed) once all succeeded and their exclusive key is free.
 
-Every transition is a compare-and-set and every push of one attempt uses one RQ job id that RQ
-refuses to hold twice, so any number of processes may run passes at the same time. Each step
-reads at most ``RECOVERY_BATCH_SIZE`` rows through a partial index holding only rows in that
-state, so a pass over a table of millions of finished calls costs a few index lookups.
+Every transition is a compare-and-set and every push of one attempt uses one RQ job id, so any
+number of processes may run passes at the same time. Each step reads at most
+``RECOVERY_BATCH_SIZE`` ids through a partial index holding only rows in that state (an idle pass
+is five such reads and nothing else), so a pass over a table of millions of finished calls costs
+a few index lookups.
 
-Each step writes its rows in one transaction (with the ``rq`` backend): one commit, one flush
-of the database's log, for the whole batch instead of one per call, which is what a call cost
-(a hundred stranded calls: about a second on PostgreSQL, one per commit). A job pushed before
-its row is marked may reach a worker first: the worker's claim waits for the commit (the row is
-locked), or claims the row while it is still ``pending``, as it may (the mark then does nothing).
-A step that fails part-way rolls back its marks, never a push: those calls are found again by
-the next pass, and the job of one already pushed is refused as a duplicate.
+A step that found rows moves them as a set, in one transaction (with the ``rq`` backend): one
+``UPDATE … RETURNING`` takes the rows that still match its filter (marking them ``enqueued``, or
+ending their lost attempts, each row's own values in a ``CASE`` on its id), one Redis pipeline
+per server pushes their jobs, and one commit ends it: a hundred stranded calls cost a handful of
+statements, not a few per call. The taken rows stay locked until the commit, so a pass running at
+the same time waits and then finds them moved, and a worker whose claim reaches a row before the
+commit waits for it. A push that fails sets its calls back to ``pending`` with the reason, in the
+same transaction; a step that fails part-way rolls back its marks, never a push: those calls are
+found again by the next pass, and a job that RQ holds already is not pushed twice. Databases that
+cannot return the rows an ``UPDATE`` changed lock them with ``SELECT … FOR UPDATE`` instead, and
+end lost attempts and settle waiting calls one call at a time.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Any, cast
 
 import redis
 from django.conf import settings
-from django.db import router, transaction
-from django.db.models import Q
+from django.db import DatabaseError, connections, router, transaction
+from django.db.models import Case, CharField, F, Field, Q, QuerySet, Value, When
 from django.db.models.functions import Now
 from rq.exceptions import StopRequested
 
 from . import conf, dispatch
-from .job import attempt_entry
-from .models import CallState, MethodCall, honour_cancel_request
+from .job import HAS_DEPENDENTS, after_attempt, attempt_entry
+from .models import (
+    CallState,
+    MethodCall,
+    has_dependents_sql,
+    honour_cancel_request,
+    reason_after_push,
+    update_returning,
+    update_returning_sql,
+    updates_return_rows,
+)
 from .options import retry_policy_from_row
 
 logger = logging.getLogger("asyncmodels.recovery")
@@ -137,47 +154,79 @@ def _batch_size() -> int:
     return int(conf.get_config()["RECOVERY_BATCH_SIZE"])
 
 
-def _push_each(calls: Iterable[MethodCall], push: Callable[..., bool]) -> tuple[int, int]:
-    """Push calls; return (pushed, errors). Stop at the first sign that Redis is down."""
-    calls = list(calls)
+def _take(database: str, ids: list[int], still: Q, changes: dict[str, Any]) -> list[MethodCall]:
+    """Compare-and-set: apply ``changes`` to the rows of ``ids`` that still match ``still`` and
+    return them as they are now (inside the step's transaction, their locks held until it ends:
+    another pass waits, then finds them moved). One ``UPDATE … RETURNING`` where the database
+    can; elsewhere the rows are locked (``SELECT … FOR UPDATE``) and read again after the
+    ``UPDATE``. Raises ``DatabaseError`` if a changed row cannot be loaded (the step rolls back)."""
+    manager = MethodCall.objects.using(database)
+    candidates = manager.filter(still, pk__in=ids)
+    if updates_return_rows(database):
+        count, rows = update_returning(candidates, changes)
+        if count != len(rows):
+            raise DatabaseError(f"{count - len(rows)} of the rows {ids} could not be loaded after an update.")
+        return rows
+    locked = list(candidates.select_for_update().values_list("pk", flat=True))
+    if not locked:
+        return []
+    manager.filter(pk__in=locked).update(**changes)
+    return list(manager.filter(pk__in=locked))
+
+
+def _send(calls: list[MethodCall], *, ask_first: bool) -> tuple[int, int]:
+    """Push calls just marked ``enqueued`` by this step (its transaction still open): per Redis
+    server one pipeline (``dispatch.send_jobs``; with ``ask_first``, one more asking which jobs RQ
+    holds already). Calls whose push failed go back to ``pending`` with the reason, in the same
+    transaction. Returns (pushed, errors: one per Redis server that failed). With the
+    ``immediate`` backend each call is run here instead."""
     if not calls:
         return 0, 0
-    with _one_commit(calls[0]._state.db or "default"):
-        return _push_all(calls, push)
+    if conf.get_backend_name() == "immediate":
+        pushed = errors = 0
+        for call in calls:
+            try:
+                pushed += dispatch.push(call, raise_errors=True)
+            except StopRequested:
+                raise
+            except Exception:  # logged by dispatch; the call is back to pending
+                errors += 1
+        return pushed, errors
+    sent, failures = dispatch.send_jobs(calls, ask_first=lambda call: ask_first)
+    for failed, reason in failures:
+        dispatch._back_to_pending(failed, reason)
+    return len(sent), len(failures)
 
 
-def _push_all(calls: list[MethodCall], push: Callable[..., bool]) -> tuple[int, int]:
-    pushed = errors = 0
-    for call in calls:
-        try:
-            pushed += push(call, raise_errors=True)
-        except StopRequested:
-            raise  # RQ's warm shutdown arrived during the pass
-        except REDIS_UNAVAILABLE:
-            return pushed, 1  # already logged by dispatch; the rest would fail (and wait) too
-        except Exception:  # this row's problem only: logged by dispatch, go on with the others
-            errors += 1
-    return pushed, errors
+def _oldest_ids(queryset: QuerySet[MethodCall], *order: str) -> list[int]:
+    """The ids of the first ``RECOVERY_BATCH_SIZE`` rows of ``queryset`` by ``order`` (one
+    partial-index read; no lock, no transaction: an idle pass stops here)."""
+    return list(queryset.order_by(*order).values_list("pk", flat=True)[: _batch_size()])
 
 
 def _push_due(database: str) -> RecoveryReport:
-    due = (
-        MethodCall.objects.using(database)
-        .filter(state=CallState.SCHEDULED, run_after__lte=Now())
-        .order_by("run_after", "id")[: _batch_size()]
-    )
-    pushed, errors = _push_each(due, dispatch.push_if_due)
+    """Push ``scheduled`` calls whose ``run_after`` has come: ``scheduled`` → ``enqueued``."""
+    due = Q(state=CallState.SCHEDULED, run_after__lte=Now())
+    ids = _oldest_ids(MethodCall.objects.using(database).filter(due), "run_after", "id")
+    if not ids:
+        return RecoveryReport()
+    # A retry's "attempt 2 of 4 is due in ..." reason is obsolete once it is pushed.
+    changes = {"state": CallState.ENQUEUED, "enqueued_at": Now(), "state_reason": ""}
+    with _one_commit(database):
+        pushed, errors = _send(_take(database, ids, due, changes), ask_first=True)
     return RecoveryReport(pushed_due=pushed, errors=errors)
 
 
 def _push_pending(database: str) -> RecoveryReport:
-    grace = conf.get_duration("PUSH_GRACE_SECONDS")
-    stale = (
-        MethodCall.objects.using(database)
-        .filter(state=CallState.PENDING, created_at__lt=Now() - grace)
-        .order_by("created_at", "id")[: _batch_size()]
-    )
-    pushed, errors = _push_each(stale, dispatch.push)
+    """Push ``pending`` calls older than the grace: their commit's push was lost."""
+    stale = Q(state=CallState.PENDING, created_at__lt=Now() - conf.get_duration("PUSH_GRACE_SECONDS"))
+    ids = _oldest_ids(MethodCall.objects.using(database).filter(stale), "created_at", "id")
+    if not ids:
+        return RecoveryReport()
+    changes = {"state": CallState.ENQUEUED, "enqueued_at": Now(), "state_reason": reason_after_push()}
+    with _one_commit(database):
+        # Its own commit hook may be pushing it this very moment (a slow process): ask RQ first.
+        pushed, errors = _send(_take(database, ids, stale, changes), ask_first=True)
     return RecoveryReport(pushed_pending=pushed, errors=errors)
 
 
@@ -185,72 +234,75 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
     """Push again the enqueued calls whose RQ job no longer exists or will never run."""
     from rq.job import Job
 
-    grace = conf.get_duration("PUSH_GRACE_SECONDS")
+    stale = Q(state=CallState.ENQUEUED, enqueued_at__lt=Now() - conf.get_duration("PUSH_GRACE_SECONDS"))
     calls = list(
         MethodCall.objects.using(database)
-        .filter(state=CallState.ENQUEUED, enqueued_at__lt=Now() - grace)
-        .order_by("enqueued_at", "id")[: _batch_size()]
+        .filter(stale)
+        .order_by("enqueued_at", "id")
+        .only("id", "queue", "attempts", "waits")[: _batch_size()]
     )
     by_queue: dict[str, list[MethodCall]] = defaultdict(list)
     for call in calls:
         by_queue[call.queue].append(call)
     report = RecoveryReport()
-    if not calls:
+    dead: dict[int, tuple[str, Any]] = {}  # call id -> (its job's status, the Redis holding it)
+    for queue_name, queued in by_queue.items():
+        try:
+            queue = dispatch.get_queue(queue_name)
+            connection, queue_key = queue.connection, queue.key
+            scan = connection.llen(queue_key) <= MAX_SCANNED_QUEUE_LENGTH
+            with connection.pipeline(transaction=False) as pipeline:
+                for call in queued:
+                    pipeline.hget(Job.key_for(call.job_id), "status")
+                    if scan:
+                        pipeline.lpos(queue_key, call.job_id)  # Redis >= 6.0.6
+                    else:
+                        pipeline.exists(Job.key_for(call.job_id))
+                replies = pipeline.execute()
+        except StopRequested:
+            raise
+        except Exception:
+            logger.exception(
+                "Could not ask Redis about %s enqueued call(s) of queue %r.", len(queued), queue_name
+            )
+            report.errors += 1
+            continue
+        for index, call in enumerate(queued):
+            status, listed = replies[2 * index], replies[2 * index + 1]
+            status = status.decode() if isinstance(status, bytes) else status
+            # "queued" is only true while the job is in the queue's list: a worker killed after
+            # taking it off the list, before claiming the call, leaves it "queued" (or "started")
+            # for good. The row says enqueued for longer than the grace: no live worker has it.
+            # On a very long queue the list is not scanned: the job's status is trusted instead.
+            in_list = listed is not None if scan else bool(listed)  # LPOS position / EXISTS
+            if not (status == "queued" and in_list):
+                dead[call.pk] = (status, connection)
+    if not dead:
         return report
     with _one_commit(database):
-        for queue_name, queued in by_queue.items():
-            try:
-                connection = dispatch.get_queue(queue_name).connection
-                queue_key = dispatch.get_queue(queue_name).key
-                scan = connection.llen(queue_key) <= MAX_SCANNED_QUEUE_LENGTH
-                with connection.pipeline(transaction=False) as pipeline:
-                    for call in queued:
-                        pipeline.hget(Job.key_for(call.job_id), "status")
-                        if scan:
-                            pipeline.lpos(queue_key, call.job_id)  # Redis >= 6.0.6
-                        else:
-                            pipeline.exists(Job.key_for(call.job_id))
-                    replies = pipeline.execute()
-            except StopRequested:
-                raise
-            except Exception:
-                logger.exception(
-                    "Could not ask Redis about %s enqueued call(s) of queue %r.", len(queued), queue_name
-                )
-                report.errors += 1
-                continue
-            for index, call in enumerate(queued):
-                status, listed = replies[2 * index], replies[2 * index + 1]
-                status = status.decode() if isinstance(status, bytes) else status
-                # "queued" is only true while the job is in the queue's list: a worker killed after
-                # taking it off the list, before claiming the call, leaves it "queued" (or "started")
-                # for good. The row says enqueued for longer than the grace: no live worker has it.
-                # On a very long queue the list is not scanned: the job's status is trusted instead.
-                in_list = listed is not None if scan else bool(listed)  # LPOS position / EXISTS
-                if status == "queued" and in_list:
-                    continue
-                logger.warning(
-                    "Call %s is enqueued but its RQ job %s is %s; pushing it again.",
-                    call.pk,
-                    call.job_id,
-                    status or "gone",
-                )
-                try:
-                    if status is not None:  # a dead job (failed, stopped...) would block a push under its id
-                        Job(call.job_id, connection=connection).delete(remove_from_queue=True)
-                    report.repushed_enqueued += dispatch.push(call, raise_errors=True)
-                except StopRequested:
-                    raise
-                except REDIS_UNAVAILABLE:
-                    report.errors += 1
-                    break
-                except Exception:
-                    report.errors += 1
+        # Taken (enqueued_at moves to now) so that a pass running at the same time does not push
+        # them too; a row moved on meanwhile (a worker claimed it after all) is left alone.
+        taken = _take(database, list(dead), stale, {"enqueued_at": Now()})
+        for call in taken:
+            status, connection = dead[call.pk]
+            logger.warning(
+                "Call %s is enqueued but its RQ job %s is %s; pushing it again.",
+                call.pk,
+                call.job_id,
+                status or "gone",
+            )
+            if status is not None:  # a dead job (failed, stopped...) would block a push under its id
+                Job(call.job_id, connection=connection).delete(remove_from_queue=True)
+        pushed, errors = _send(taken, ask_first=False)
+    report.repushed_enqueued += pushed
+    report.errors += errors
     return report
 
 
 def _end_lost_attempts(database: str) -> RecoveryReport:
-    """Retry or fail running calls whose lease expired: their worker is gone."""
+    """Retry or fail running calls whose lease expired: their worker is gone. One ``UPDATE`` for
+    the batch (each row's own changes as a ``CASE`` on its id) where the database returns the
+    changed rows; elsewhere one compare-and-set per call (``end_lost_attempt``)."""
     # A running row without a lease was claimed before leases existed (an upgrade): judge it by
     # its start instead.
     expired = Q(lease_expires_at__lt=Now()) | Q(
@@ -264,23 +316,88 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
     report = RecoveryReport()
     if not lost:
         return report
+    if not updates_return_rows(database):
+        with _one_commit(database):
+            for call in lost:
+                try:
+                    report += _count_lost(end_lost_attempt(call, expired))
+                except StopRequested:
+                    raise
+                except Exception:  # this row's problem only
+                    logger.exception("Could not end the lost attempt of call %s.", call.pk)
+                    report.errors += 1
+        return report
+    per_call: dict[int, tuple[MethodCall, dict[str, Any]]] = {}
+    for call in lost:
+        try:
+            per_call[call.pk] = (call, lost_attempt_changes(call))
+        except Exception:  # this row's problem only (a policy or log that cannot be read)
+            logger.exception("Could not end the lost attempt of call %s.", call.pk)
+            report.errors += 1
+    if not per_call:
+        return report
+    this_attempt = Q()
+    for call, _ in per_call.values():
+        this_attempt |= Q(pk=call.pk, attempts=call.attempts)
+    changes = {name: _per_row(name, per_call) for name in next(iter(per_call.values()))[1]}
+    changes["lease_expires_at"] = None
+    queryset = MethodCall.objects.using(database).filter(expired, this_attempt, state=CallState.RUNNING)
     with _one_commit(database):
-        for call in lost:
-            try:
-                outcome = end_lost_attempt(call, expired)
-            except StopRequested:
-                raise
-            except Exception:  # this row's problem only
-                logger.exception("Could not end the lost attempt of call %s.", call.pk)
-                report.errors += 1
-                continue
-            if outcome == CallState.SCHEDULED:
-                report.retried_lost += 1
-            elif outcome == CallState.FAILED:
-                report.failed_lost += 1
-            elif outcome == CallState.CANCELLED:
-                report.cancelled_lost += 1
+        ended = update_returning_sql(
+            queryset,
+            honour_cancel_request(changes),
+            ", ".join(
+                [
+                    *(_column(database, name) for name in ("id", "state", "exclusive_key")),
+                    has_dependents_sql(database),
+                ]
+            ),
+        )
+        for call_id, state, key, has_dependents in ended:
+            call = per_call[call_id][0]
+            call.state, call.exclusive_key = state, key
+            setattr(call, HAS_DEPENDENTS, bool(has_dependents))
+            after_attempt(call)
+            report += _count_lost(state)
+            each = per_call[call_id][1]
+            logger.warning("Call %s (now %s): %s", call_id, state, each["state_reason"] or each["error"])
     return report
+
+
+def _count_lost(state: str | None) -> RecoveryReport:
+    return RecoveryReport(
+        retried_lost=int(state == CallState.SCHEDULED),
+        failed_lost=int(state == CallState.FAILED),
+        cancelled_lost=int(state == CallState.CANCELLED),
+    )
+
+
+def _column(database: str, name: str) -> str:
+    quote = connections[database].ops.quote_name
+    return f"{quote(MethodCall._meta.db_table)}.{quote(name)}"
+
+
+def _per_row(name: str, per_call: dict[int, tuple[MethodCall, dict[str, Any]]]) -> Any:
+    """The value of field ``name`` for an ``UPDATE`` of the rows of ``per_call``: the same for
+    all (a value, so that a NULL keeps its column's type), or a ``CASE`` on the row's id."""
+    values = {pk: each[name] for pk, (_, each) in per_call.items()}
+    first = next(iter(values.values()))
+    if all(value == first for value in values.values()):
+        return first
+    return Case(
+        *(When(pk=pk, then=_expression(value, name)) for pk, value in values.items()),
+        output_field=_field(name),
+    )
+
+
+def _field(name: str) -> Field[Any, Any]:
+    return cast("Field[Any, Any]", MethodCall._meta.get_field(name))
+
+
+def _expression(value: Any, name: str) -> Any:
+    """``value`` for ``MethodCall.<name>`` inside a ``CASE`` (a plain ``str`` would be taken for
+    a field name)."""
+    return value if hasattr(value, "resolve_expression") else Value(value, output_field=_field(name))
 
 
 def _settle_waiting(database: str) -> RecoveryReport:
@@ -316,40 +433,71 @@ def _settle_waiting(database: str) -> RecoveryReport:
         )
         .filter(Q(doomed_by__isnull=False) | Q(blocked_by__isnull=True, held_by__isnull=True))
         .order_by("id")
-        .values_list("id", "exclusive_key")[: _batch_size()]
+        .values_list("id", "exclusive_key", "doomed_by")[: _batch_size()]
     )
     report = RecoveryReport()
-    released_keys: set[str] = set()
     if not movable:
         return report
+    doomed = {call_id: doomed_by for call_id, _, doomed_by in movable if doomed_by is not None}
+    released: list[int] = []
+    keys: set[str] = set()
+    for call_id, key, doomed_by in movable:
+        if doomed_by is None and (key is None or key not in keys):  # one turn per key and pass
+            released.append(call_id)
+            if key is not None:
+                keys.add(key)
+    if not updates_return_rows(database):
+        with _one_commit(database):
+            for call_id in [*doomed, *released]:
+                try:
+                    state = dependencies.settle(call_id, database)
+                except StopRequested:
+                    raise
+                except Exception:
+                    logger.exception("Could not settle waiting call %s.", call_id)
+                    report.errors += 1
+                    continue
+                report += _count_settled(state)
+        return report
     with _one_commit(database):
-        for call_id, key in movable:
-            if key is not None and key in released_keys:
-                continue  # one turn per key and pass: the others would only find it busy
-            try:
-                state = dependencies.settle(call_id, database)
-            except StopRequested:
-                raise
-            except Exception:
-                logger.exception("Could not settle waiting call %s.", call_id)
-                report.errors += 1
-                continue
-            if state == CallState.CANCELLED:
-                report.cancelled_waiting += 1
-            elif state in (CallState.PENDING, CallState.SCHEDULED, CallState.ENQUEUED):
-                report.released_waiting += 1
-                if key is not None:
-                    released_keys.add(key)
+        if doomed:
+            cancelled = dependencies.cancel_doomed(doomed, database)
+            report.cancelled_waiting += len(cancelled)
+            dependencies.settle_dependents_of(cancelled, database)  # cancelled in turn
+        if released:
+            not_yet = Q(run_after__gt=Now())
+            rows = _take(
+                database,
+                released,
+                Q(state=CallState.WAITING),
+                {
+                    "state": Case(
+                        When(not_yet, then=Value(CallState.SCHEDULED)),
+                        default=Value(CallState.ENQUEUED),
+                        output_field=CharField(),
+                    ),
+                    "enqueued_at": Case(When(not_yet, then=F("enqueued_at")), default=Now()),
+                    "state_reason": "",
+                },
+            )
+            report.released_waiting += len(rows)
+            _, errors = _send([row for row in rows if row.state == CallState.ENQUEUED], ask_first=True)
+            report.errors += errors
     return report
 
 
-def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None) -> str | None:
-    """Retry or fail ``call``, whose running attempt lost its worker; return the new state, if any.
+def _count_settled(state: str | None) -> RecoveryReport:
+    return RecoveryReport(
+        cancelled_waiting=int(state == CallState.CANCELLED),
+        released_waiting=int(state in (CallState.PENDING, CallState.SCHEDULED, CallState.ENQUEUED)),
+    )
 
-    A compare-and-set on (running, this attempt, ``still_lost``): if the attempt moved on since
-    ``call`` was read, nothing changes and ``None`` is returned. ``reason`` defaults to the
-    lease having expired.
-    """
+
+def lost_attempt_changes(call: MethodCall, reason: str | None = None) -> dict[str, Any]:
+    """The changes that end ``call``'s running attempt, whose worker was lost: a retry
+    (``scheduled`` after the backoff) if its policy allows another attempt, else ``failed``;
+    the attempt is added to ``attempt_log``. ``reason`` defaults to the lease having expired.
+    Before ``honour_cancel_request``. Raises what reading the row's policy raises."""
     policy = retry_policy_from_row(call.policy)
     if reason is None:
         expiry = f"{call.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC" if call.lease_expires_at else "(no lease)"
@@ -360,9 +508,10 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
     log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
     if policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)
-        changes = {
+        return {
             "state": CallState.SCHEDULED,
             "run_after": Now() + delay,
+            "finished_at": None,
             "state_reason": f"{reason} Attempt {call.attempts + 1} of {policy.retries + 1} is due in "
             f"{delay.total_seconds():.1f} s.",
             # The row's error is this attempt's, not an earlier one's (and says why, should a
@@ -370,31 +519,39 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
             "error_type": "asyncmodels.WorkerLost",
             "error": reason,
             "traceback": "",
+            "attempt_log": log,
         }
-    else:
-        changes = {
-            "state": CallState.FAILED,
-            "finished_at": Now(),
-            "state_reason": "",
-            "error_type": "asyncmodels.WorkerLost",
-            "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
-            "traceback": "",
-        }
+    return {
+        "state": CallState.FAILED,
+        "run_after": F("run_after"),
+        "finished_at": Now(),
+        "state_reason": "",
+        "error_type": "asyncmodels.WorkerLost",
+        "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
+        "traceback": "",
+        "attempt_log": log,
+    }
+
+
+def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None) -> str | None:
+    """Retry or fail ``call``, whose running attempt lost its worker; return the new state, if any.
+
+    A compare-and-set on (running, this attempt, ``still_lost``): if the attempt moved on since
+    ``call`` was read, nothing changes and ``None`` is returned. ``reason`` defaults to the
+    lease having expired. (A recovery pass ends a batch of lost attempts in one ``UPDATE``.)
+    """
+    changes = lost_attempt_changes(call, reason)
     won = (
         MethodCall.objects.using(call._state.db)
         .filter(still_lost, pk=call.pk, state=CallState.RUNNING, attempts=call.attempts)
-        .update(lease_expires_at=None, attempt_log=log, **honour_cancel_request(changes))
+        .update(lease_expires_at=None, **honour_cancel_request(changes))
     )
     if not won:
         return None
-    from .job import after_attempt
-
     after_attempt(call)
     # A cancel requested while the attempt ran turns a retry or a failure into "cancelled".
     state = (
         MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()
     )
-    logger.warning(
-        "Call %s (now %s): %s", call.pk, state, changes.get("state_reason") or changes.get("error")
-    )
+    logger.warning("Call %s (now %s): %s", call.pk, state, changes["state_reason"] or changes["error"])
     return state

@@ -354,15 +354,77 @@ def test_a_row_that_breaks_recovery_does_not_stop_the_others(monkeypatch: pytest
     broken, fine = Echo.objects.create().bump(), Echo.objects.create().bump()
     for call in (broken, fine):
         _claimed_then_lost(call)
-    real = recovery.end_lost_attempt
+    real = recovery.lost_attempt_changes
 
-    def fail_for_one(call: MethodCall, expired: object) -> str | None:
+    def fail_for_one(call: MethodCall, reason: str | None = None) -> dict[str, object]:
         if call.pk == broken.pk:
             raise RuntimeError("a corrupt row")
-        return real(call, expired)  # type: ignore[arg-type]
+        return real(call, reason)
 
-    monkeypatch.setattr(recovery, "end_lost_attempt", fail_for_one)
+    monkeypatch.setattr(recovery, "lost_attempt_changes", fail_for_one)
     report = recover_stranded_calls(["default"])
     assert (report.failed_lost, report.errors) == (1, 1)
     fine.refresh_from_db()
     assert fine.state == CallState.FAILED
+
+
+def _strand(count: int) -> dict[str, list[MethodCall]]:
+    """``count`` stranded calls of each kind a pass moves, their jobs flushed from Redis."""
+    succeeded, failed = Echo.objects.create().bump(), Echo.objects.create().bump()
+    made: dict[str, list[MethodCall]] = {
+        kind: [] for kind in ("pending", "enqueued", "lost", "due", "released", "doomed")
+    }
+    for _ in range(count):
+        echo = Echo.objects.create()
+        made["pending"].append(echo.bump())
+        made["enqueued"].append(echo.bump())
+        made["lost"].append(echo.bump())
+        made["due"].append(echo.bump())
+        made["released"].append(echo.bump.using(after=[succeeded])())
+        made["doomed"].append(echo.bump.using(after=[failed])())
+    MethodCall.objects.filter(pk=succeeded.pk).update(state=CallState.SUCCEEDED, finished_at=Now())
+    MethodCall.objects.filter(pk=failed.pk).update(state=CallState.FAILED, finished_at=Now())
+    ids = {kind: [call.pk for call in calls] for kind, calls in made.items()}
+    MethodCall.objects.filter(pk__in=ids["pending"]).update(
+        state=CallState.PENDING, created_at=Now() - AGES_AGO
+    )
+    MethodCall.objects.filter(pk__in=ids["enqueued"]).update(enqueued_at=Now() - AGES_AGO)
+    MethodCall.objects.filter(pk__in=ids["due"]).update(state=CallState.SCHEDULED, run_after=Now())
+    for call in made["lost"]:
+        _claimed_then_lost(call)
+    dispatch.get_queue("default").connection.flushdb()
+    return made
+
+
+@pytest.mark.parametrize("count", [2, 6])
+def test_a_pass_moves_stranded_calls_as_sets_in_as_many_statements_for_two_as_for_six(
+    count: int, queued_jobs: Callable[..., int]
+) -> None:
+    """Each step takes its rows in one UPDATE and pushes them in one pipeline (issue 6: a pass
+    over 100 stranded calls under 100 ms): the statements of a pass do not grow with the calls
+    it moves. Measured against a pass over one call of each kind, in the same test."""
+    _strand(1)
+    with CaptureQueriesContext(connection) as one_each:
+        assert recover_stranded_calls(["default"]).total == 6
+    MethodCall.objects.all().delete()
+    made = _strand(count)
+    with CaptureQueriesContext(connection) as many:
+        report = recover_stranded_calls(["default"])
+    assert (report.pushed_pending, report.repushed_enqueued, report.failed_lost) == (count, count, count)
+    assert (report.pushed_due, report.released_waiting, report.cancelled_waiting) == (count, count, count)
+    assert report.errors == 0
+    assert len(many.captured_queries) == len(one_each.captured_queries), [
+        query["sql"][:120] for query in many.captured_queries
+    ]
+    expected = {"pending": "enqueued", "enqueued": "enqueued", "lost": "failed", "due": "enqueued"}
+    expected |= {"released": "enqueued", "doomed": "cancelled"}
+    for kind, calls in made.items():
+        states = set(
+            MethodCall.objects.filter(pk__in=[call.pk for call in calls]).values_list("state", flat=True)
+        )
+        assert states == {expected[kind]}, kind
+    assert queued_jobs() == 4 * count  # each pushed call's job is in the queue, once
+    doomed = MethodCall.objects.get(pk=made["doomed"][0].pk)
+    assert "which this call waited for, failed; this call never ran" in doomed.state_reason
+    lost = MethodCall.objects.get(pk=made["lost"][0].pk)
+    assert lost.error_type == "asyncmodels.WorkerLost" and lost.attempt_log[-1]["outcome"] == "lost"
