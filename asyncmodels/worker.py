@@ -19,6 +19,7 @@ policy allows, else failed as "worker lost") instead of leaving it for its lease
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import FrameType
 
@@ -36,6 +37,9 @@ from .models import CallState, MethodCall
 from .recovery import end_lost_attempt, recover_stranded_calls
 
 logger = logging.getLogger("asyncmodels.worker")
+
+#: How long a stopping worker waits for RQ to close its pub/sub connection (seconds).
+UNSUBSCRIBE_WAIT_SECONDS = 2.0
 
 
 class RecoveryMixin:
@@ -72,6 +76,27 @@ class RecoveryMixin:
         # forking worker's horse inherits them empty).
         reset_queries()
         super().execute_job(job, queue)  # type: ignore[misc]
+
+    def unsubscribe(self) -> None:
+        # RQ stops its pub/sub thread after sending UNSUBSCRIBE. With redis-py 8, whose stop()
+        # waits for the thread, a thread that read the reply first goes back to waiting for a
+        # message, up to RQ's 60 s: a stopping worker (every --burst worker, too) then hung for
+        # up to a minute, about one exit in two (rq issue #1613 is the same hang). Ask the
+        # thread to stop first, so the reply ends it; and never wait more than a few seconds.
+        listener = getattr(self, "pubsub_thread", None)
+        if listener is not None:
+            try:
+                listener.stop(timeout=0)  # redis-py >= 8: clear its flag, do not wait
+            except TypeError:
+                listener.stop()  # older redis-py: stop() only clears the flag
+        thread = threading.Thread(target=super().unsubscribe, name="rq-unsubscribe", daemon=True)  # type: ignore[misc]
+        thread.start()
+        thread.join(UNSUBSCRIBE_WAIT_SECONDS)
+        if thread.is_alive():
+            logger.warning(
+                "RQ's pub/sub connection did not close within %s s; exiting without it.",
+                UNSUBSCRIBE_WAIT_SECONDS,
+            )
 
     def run_recovery(self) -> None:
         """One recovery pass; never lets an error stop the worker."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from typing import Any
 
@@ -15,6 +17,8 @@ from asyncmodels import worker as worker_module
 from asyncmodels.models import CallState, MethodCall
 from asyncmodels.worker import SimpleWorker, Worker
 from testproject.cloud.models import Echo
+
+from .conftest import SpawnWorker, wait_for
 
 
 @pytest.mark.parametrize("worker_class", [Worker, SimpleWorker])
@@ -62,3 +66,22 @@ def test_with_debug_on_each_job_starts_with_empty_query_logs(
     assert MethodCall.objects.filter(pk__in=[c.pk for c in calls], state=CallState.SUCCEEDED).count() == 20
     # What is left is the last job's queries (and the count above), not twenty jobs' worth.
     assert 0 < len(connection.queries_log) < 20, [q["sql"] for q in connection.queries_log]
+
+
+@pytest.mark.live_redis
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_stopping_worker_exits_at_once_not_after_rqs_pubsub_read(spawn_worker: SpawnWorker) -> None:
+    """RQ stops its pub/sub listener after sending UNSUBSCRIBE; with redis-py 8 that waited for
+    the listener's read of up to 60 s, about one stop in two (and so every ``--burst`` worker's
+    exit in this suite). Each of these warm shutdowns must end within seconds."""
+    echo = Echo.objects.create()
+    for round_number in range(6):
+        call = echo.noop()
+        worker = spawn_worker("default")
+        # Once it ran a call it is up, subscribed and idle: the stop below is an idle one.
+        wait_for(MethodCall.objects.filter(pk=call.pk, state=CallState.SUCCEEDED).exists)
+        worker.signal(signal.SIGTERM)
+        try:
+            assert worker.wait(timeout=15) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"stop {round_number + 1}: the worker was still running 15 s after SIGTERM")
