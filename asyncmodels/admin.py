@@ -185,7 +185,10 @@ def object_filter_value(obj: Model) -> str:
 
 
 def _object_link(admin_site: admin.AdminSite, call: MethodCall) -> SafeString | str:
-    """The call's object as "Model <pk>", linked to the object's admin page when it has one."""
+    """The call's object as "Model <pk>", linked to the object's admin page when it has one; for a
+    task of Django's tasks framework (no object), "task" and its ``TASKS`` alias."""
+    if call.content_type_id is None:
+        return format_html('<span class="asyncmodels-quiet">task · {}</span>', call.task_backend)
     content_type = ContentType.objects.db_manager(call._state.db).get_for_id(call.content_type_id)
     model = content_type.model_class()
     if model is None:
@@ -484,6 +487,23 @@ class MethodFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         return queryset.filter(method=self.value()) if self.value() else queryset
+
+
+class KindFilter(admin.SimpleListFilter):
+    """Method calls (``@async_method``) or tasks (Django's tasks framework, no object)."""
+
+    title = "kind"
+    parameter_name = "kind"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("method", "method calls"), ("task", "tasks")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "task":
+            return queryset.filter(content_type__isnull=True)
+        if self.value() == "method":
+            return queryset.filter(content_type__isnull=False)
+        return queryset
 
 
 class ModelFilter(admin.SimpleListFilter):
@@ -943,6 +963,7 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
         "state",
         AttentionFilter,
         QueueFilter,
+        KindFilter,
         MethodFilter,
         ModelFilter,
         CreatedFilter,
@@ -1122,9 +1143,15 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @admin.display(description="calls of this object")
     def related_calls(self, call: MethodCall) -> SafeString:
-        value = f"{call.content_type_id}:{call.object_id}"
         database = call._state.db or DEFAULT_DB_ALIAS
         site = self.admin_site.name
+        if call.content_type_id is None:  # a task: no object, but other calls of the same task
+            return format_html(
+                '<a href="{}">all calls of the task {}</a>',
+                calls_url(database, site, method=call.method),
+                call.method,
+            )
+        value = f"{call.content_type_id}:{call.object_id}"
         same_method = calls_url(database, site, object=value, method=call.method)
         return format_html(
             '<a href="{}">all calls of this object</a> (its own, and those tagged with it) · '

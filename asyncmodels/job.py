@@ -226,6 +226,10 @@ def after_attempt(call: MethodCall) -> None:
             dependencies.settle_dependents(call)
     except Exception:
         logger.exception("Could not release the calls that follow call %s; recovery will.", call.pk)
+    if call.task_backend:  # a django.tasks task: task_finished, if this attempt ended it
+        from .backends.tasks import task_attempt_ended
+
+        task_attempt_ended(call)
 
 
 class _CannotRun(Exception):
@@ -298,7 +302,7 @@ def _run_claimed(call: MethodCall) -> None:
     except _CannotRun as refusal:
         _record_failure(call, refusal.error_type, refusal.error, "", started, retryable=False)
         return
-    entry = registry.get_method(call.method)
+    entry = None if call.task_backend else registry.get_method(call.method)
     atomic = bool((call.policy or {}).get("atomic"))
     try:
         with LeaseKeeper(call), running(call):
@@ -318,7 +322,8 @@ def _run_claimed(call: MethodCall) -> None:
         )
         return
     except BaseException as exc:
-        retry_on = entry.options.retry_on if entry is not None else ()
+        # A task (no @async_method to say) retries on any error, while its backend's RETRIES allow.
+        retry_on = entry.options.retry_on if entry is not None else (Exception,) if call.task_backend else ()
         _record_failure(
             call,
             _type_name(exc),
@@ -360,8 +365,23 @@ def _outcome_of(exc: BaseException) -> str:
     return "failed" if isinstance(exc, Exception) else "interrupted"
 
 
+def _prepare_task(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """A django.tasks task has no object: its runner is called with ``None`` in the object's place."""
+    try:
+        from .backends.tasks import TaskCannotRun, prepare_task_call
+    except ImportError as exc:  # neither django.tasks nor the django-tasks backport is installed here
+        raise _CannotRun("asyncmodels.TasksUnavailable", f"{exc} Nothing was run.") from exc
+    try:
+        runner, args, kwargs = prepare_task_call(call)
+    except TaskCannotRun as refusal:
+        raise _CannotRun(refusal.error_type, refusal.error) from None
+    return runner, None, args, kwargs
+
+
 def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
     """Find the method, reload the object and decode the arguments; raise ``_CannotRun`` if not."""
+    if call.task_backend:
+        return _prepare_task(call)
     entry = registry.get_method(call.method)
     if entry is None:
         raise _CannotRun(
@@ -535,10 +555,10 @@ def _record_failure(
 ) -> None:
     error_type, error, trace = _storable_text(error_type)[:255], _storable_text(error), _storable_text(trace)
     policy = retry_policy_from_row(call.policy)
-    log = [
-        *call.attempt_log,
-        attempt_entry(call, outcome, time.monotonic() - started, f"{error_type}: {error}"),
-    ]
+    entry = attempt_entry(call, outcome, time.monotonic() - started, f"{error_type}: {error}")
+    if call.task_backend:  # a task's result lists every failed attempt with its traceback
+        entry.update(error_type=error_type, traceback=trace[-20000:])
+    log = [*call.attempt_log, entry]
     errors = {"error_type": error_type, "error": error, "traceback": trace, "attempt_log": log}
     if retryable and policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)

@@ -141,6 +141,14 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
         """Calls of the method registered as ``name`` (``"app_label.Model.method"``)."""
         return self.filter(method=name)
 
+    def tasks(self) -> MethodCallQuerySet:
+        """Tasks of Django's tasks framework (``asyncmodels.backends.tasks``): calls with no object."""
+        return self.exclude(task_backend="")
+
+    def method_calls(self) -> MethodCallQuerySet:
+        """Calls of ``@async_method`` methods (not tasks)."""
+        return self.filter(task_backend="")
+
     def pending(self) -> MethodCallQuerySet:
         return self.filter(state=CallState.PENDING)
 
@@ -175,16 +183,34 @@ class MethodCallQuerySet(models.QuerySet["MethodCall"]):
 
 
 class MethodCall(models.Model):
-    """One call of an ``@async_method``: which object, which method, its arguments and its fate."""
+    """One call of an ``@async_method`` (which object, which method), or one task of Django's tasks
+    framework (``task_backend`` set, no object): its arguments and its fate."""
 
+    # NULL for a task of Django's tasks framework (``task_backend``): a function has no object.
     content_type = models.ForeignKey(
-        ContentType, on_delete=models.PROTECT, related_name="+", help_text=_("The model of the object.")
+        ContentType,
+        on_delete=models.PROTECT,
+        related_name="+",
+        null=True,
+        blank=True,
+        help_text=_("The model of the object; empty for a task."),
     )
     # Text, so integer, UUID and string primary keys all fit; no cascading foreign key, so the
     # history outlives the object (README, States).
-    object_id = models.CharField(max_length=255, help_text=_("The object's primary key, as text."))
+    object_id = models.CharField(
+        max_length=255, blank=True, help_text=_("The object's primary key, as text; empty for a task.")
+    )
     content_object = GenericForeignKey("content_type", "object_id")
-    method = models.CharField(max_length=255, help_text=_("Registry name of the decorated method."))
+    method = models.CharField(
+        max_length=255,
+        help_text=_("Registry name of the decorated method, or the dotted path of a task function."),
+    )
+    task_backend = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        help_text=_("For a task of Django's tasks framework: the TASKS alias it was enqueued on."),
+    )
     queue = models.CharField(max_length=100, help_text=_("RQ queue the call is pushed to."))
     state = models.CharField(max_length=20, choices=CallState.choices, default=CallState.PENDING)
 
@@ -302,6 +328,15 @@ class MethodCall(models.Model):
                 fields=["exclusive_key"],
                 condition=models.Q(state="running"),
                 name="asyncmodels_call_exclusive_running",
+            ),
+            # A call is either a method call (an object, no task backend) or a task of Django's
+            # tasks framework (a task backend, no object): never both, never neither.
+            models.CheckConstraint(
+                condition=(
+                    models.Q(content_type__isnull=False, task_backend="")
+                    | (models.Q(content_type__isnull=True, object_id="") & ~models.Q(task_backend=""))
+                ),
+                name="asyncmodels_call_method_or_task",
             ),
         )
         permissions = (

@@ -14,6 +14,7 @@ ASYNCMODELS_PUSH_GRACE_SECONDS, ASYNCMODELS_RECOVERY_BATCH_SIZE
 """
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,23 @@ for _key in (
 ):
     if f"ASYNCMODELS_{_key}" in os.environ:
         ASYNCMODELS[_key] = float(os.environ[f"ASYNCMODELS_{_key}"])
+
+# Django's tasks framework (django.tasks on Django 6; the django-tasks backport, when installed,
+# on Django 5.2): plain @task functions (testproject/cloud/tasks.py) run as asyncmodels calls.
+TASKS = {
+    "default": {
+        "BACKEND": "asyncmodels.backends.tasks.AsyncModelsBackend",
+        "QUEUES": ["default", "urgent"],
+    },
+    # Tasks of this backend get two retries, a second apart (their backoff, jittered).
+    "retrying": {
+        "BACKEND": "asyncmodels.backends.tasks.AsyncModelsBackend",
+        "QUEUES": ["default"],
+        "OPTIONS": {"RETRIES": 2, "RETRY_BACKOFF": 1, "RETRY_BACKOFF_MAX": 2},
+    },
+}
+if find_spec("django.tasks") is None and find_spec("django_tasks") is not None:
+    INSTALLED_APPS.append("django_tasks")  # the backport's system checks (Django 6 has its own)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

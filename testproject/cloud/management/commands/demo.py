@@ -246,7 +246,8 @@ class DemoRun:
                 item.call.pk,
                 item.call._state.db,
                 item.call.method,
-                f"{item.call.content_type.model}:{_shorten(item.call.object_id, 13)}",
+                f"{item.call.content_type.model if item.call.content_type else 'task'}:"
+                f"{_shorten(item.call.object_id, 13)}",
                 item.call.queue,
                 item.call.state,
                 item.call.attempts,

@@ -1,0 +1,1 @@
+"""Backends that plug asyncmodels into other frameworks: ``tasks`` serves Django's tasks framework."""
