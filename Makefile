@@ -37,6 +37,22 @@ pytest: $(BIN)/.installed
 # SQLite + fakeredis (no services needed).
 test: lint pytest
 
+# Django's own tests/tasks suite (the framework's built-in backends) against the installed Django,
+# with asyncmodels and its tasks backend installed beside it: a smoke check for the Django 6 leg.
+# The suite comes from the sdist of exactly the installed Django, fetched from the package index
+# into a temporary folder (removed at the end), and is never copied into this repository.
+.PHONY: django-tasks-suite
+django-tasks-suite: $(BIN)/.installed
+	@set -e; \
+	version=$$($(BIN)/python -c 'import django; print(django.__version__)'); \
+	$(BIN)/python -c 'import django.tasks' 2>/dev/null \
+		|| { echo "django-tasks-suite needs Django >= 6.0; $(VENV) has Django $$version"; exit 1; }; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "Django $$version: fetching its sdist for tests/tasks"; \
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps "django==$$version" -d "$$tmp"; \
+	tar -xzf "$$tmp"/*.tar.gz -C "$$tmp" --wildcards '*/tests/*'; \
+	cd "$$tmp"/*/tests && "$(abspath $(BIN))/python" runtests.py tasks
+
 # The same suite on PostgreSQL and Redis on loopback, with real rqworker processes.
 test-services: $(BIN)/.installed
 	ASYNCMODELS_DB=postgres ASYNCMODELS_PG_NAME=$(PG_NAME) \
