@@ -386,13 +386,11 @@ def test_only_task_objects_are_run_from_a_row() -> None:
     assert forged.result is None
 
 
-def test_a_task_whose_backend_left_tasks_is_failed_without_running(
-    settings: Any, run_worker: RunWorker
-) -> None:
+def test_a_task_whose_backend_left_tasks_is_failed_without_running(settings: Any) -> None:
     echo = Echo.objects.create()
     result = cloud_tasks.bump.enqueue(echo.pk)
     settings.TASKS = {"default": {"BACKEND": DUMMY_BACKEND}}
-    run_worker()
+    job.run_method_call(int(result.id))  # the job in this process, which sees the new TASKS
     row = _row(result)
     assert row.state == CallState.FAILED
     assert row.error_type == "asyncmodels.TaskBackendUnknown"
