@@ -9,6 +9,7 @@ Timestamps come from the database clock (``Now()``), never from the worker's.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
 
 from django.contrib.contenttypes.fields import GenericForeignKey
@@ -710,6 +711,85 @@ def update_returning_sql(
     with connections[queryset.db].cursor() as cursor:
         cursor.execute(f"{sql} RETURNING {returning}", params)
         return list(cursor.fetchall())
+
+
+class Slot(models.Expression):
+    """A value left open in an ``UPDATE`` compiled once (``CompiledUpdate``): it compiles to one
+    placeholder, whose parameter each run fills in, prepared as ``output_field`` saves it."""
+
+    def __init__(self, name: str, output_field: models.Field[Any, Any]) -> None:
+        super().__init__(output_field=output_field)
+        self.name = name
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, tuple[str | int, ...]]:
+        # The Slot itself marks its parameter's place until a run fills it (the stubs type
+        # parameters as the values they usually are).
+        return "%s", cast(tuple[str | int, ...], (self,))
+
+
+class CompiledUpdate:
+    """An ``UPDATE … RETURNING`` built and compiled by the ORM once per database, then run with
+    new values for its slots (``Slot``).
+
+    Building a queryset and compiling it took more Python than PostgreSQL took to run the
+    statement (~0.7 ms of the ~1.5 ms a job's claim cost): the job's two statements have the
+    same shape for every call, so only their values change. ``build(database)`` returns the
+    queryset, the changes (``Slot`` where a run gives the value) and the SQL to return.
+    Only where ``updates_return_rows(database)``.
+    """
+
+    def __init__(self, build: Callable[[str], tuple[models.QuerySet[Any], dict[str, Any], str]]) -> None:
+        self._build = build
+        self._compiled: dict[str, tuple[str, tuple[Any, ...]]] = {}
+
+    def _compile(self, database: str) -> tuple[str, tuple[Any, ...]]:
+        from django.db.models.sql import UpdateQuery
+
+        compiled = self._compiled.get(database)
+        if compiled is None:
+            queryset, changes, returning = self._build(database)
+            query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
+            query.add_update_values(changes)
+            sql, params = query.get_compiler(database).as_sql()
+            compiled = self._compiled[database] = (f"{sql} RETURNING {returning}", tuple(params))
+        return compiled
+
+    def run(self, database: str, **values: Any) -> list[Any]:
+        """Run the statement on ``database`` with ``values`` (one per ``Slot`` name); return the
+        raw rows. Raises ``KeyError`` for a missing value, and what the database raises."""
+        from django.db import connections
+
+        connection = connections[database]
+        sql, params = self._compile(database)
+        filled = [
+            param.output_field.get_db_prep_save(values[param.name], connection)
+            if isinstance(param, Slot)
+            else param
+            for param in params
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, filled)
+            return list(cursor.fetchall())
+
+
+def returned_calls(database: str, rows: list[Any]) -> list[MethodCall]:
+    """``MethodCall`` instances from rows holding every concrete column (``all_columns_sql``), in
+    order. Raises what converting a value raises (a forged or corrupt row)."""
+    fields = list(MethodCall._meta.concrete_fields)
+    compiler = MethodCall._default_manager.using(database).query.get_compiler(database)
+    converters = compiler.get_converters([field.get_col(MethodCall._meta.db_table) for field in fields])
+    names = [field.attname for field in fields]
+    return [
+        MethodCall.from_db(database, names, values) for values in compiler.apply_converters(rows, converters)
+    ]
+
+
+def all_columns_sql(database: str) -> str:
+    """Every concrete column of ``MethodCall``, quoted for ``database``, to return from an ``UPDATE``."""
+    from django.db import connections
+
+    quote = connections[database].ops.quote_name
+    return ", ".join(quote(str(field.column)) for field in MethodCall._meta.concrete_fields)
 
 
 def has_dependents_sql(database: str) -> str:
