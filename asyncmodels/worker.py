@@ -19,17 +19,26 @@ policy allows, else failed as "worker lost") instead of leaving it for its lease
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from django.db import connections, reset_queries
 from django.db.models import Q
 from rq.exceptions import StopRequested
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
+from rq.timeouts import JobTimeoutException
+from rq.utils import now, utcformat
 from rq.worker import SimpleWorker as RQSimpleWorker
 from rq.worker import Worker as RQWorker
+from rq.worker import WorkerStatus
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 from . import conf
 from .dispatch import JOB_FUNCTION
@@ -156,3 +165,209 @@ class Worker(RecoveryMixin, RQWorker):
 
 class SimpleWorker(RecoveryMixin, RQSimpleWorker):
     """RQ's non-forking worker (one process, jobs run in it), running asyncmodels recovery."""
+
+
+class LeanSimpleWorker(SimpleWorker):
+    """``SimpleWorker`` that runs asyncmodels' own jobs without RQ's per-job bookkeeping.
+
+    The ``MethodCall`` row already records everything RQ would (who runs the call, since when,
+    how it ended, with what error), and the lease on the row, not RQ's ``StartedJobRegistry``,
+    is what recovers a call whose worker died. So for a job of ``run_method_call`` this worker
+    skips RQ's execution records, started/finished registries, job status changes, result
+    handling, dependents and callbacks (about twenty Redis commands per job): it runs the job
+    under RQ's job timeout, then in one round trip takes the job off Redis (its entry in the
+    queue's intermediate list, its hash) and records its own state, statistics and heartbeat.
+
+    A call still running after ``ANNOUNCE_AFTER_SECONDS`` is announced from a helper thread:
+    the job taken off Redis, the worker shown busy, its heartbeat stretched over the job's
+    timeout. Before that, Redis shows the worker idle: a short call is over before anyone looks.
+
+    Any other job runs exactly as on RQ's ``SimpleWorker``. For every job, the worker sends its
+    routine heartbeat, rewrites its state and checks ``rq suspend`` at most once per
+    ``ROUTINE_REDIS_SECONDS`` instead of several times per job (a heartbeat keeps the worker key
+    alive for ``worker_ttl`` + 60 s; a suspension is noticed that much later).
+
+    It still registers with RQ (``rqinfo`` and django-rq's admin list it, with its job counts),
+    runs recovery passes, honours SIGTERM (the current call finishes) and a second SIGTERM (the
+    call is recorded as interrupted, then the worker exits). A crash mid-call leaves the row
+    ``running`` with a lease that recovery ends (and, within the first second, the job in RQ's
+    intermediate list, which RQ's own cleanup moves to its failed registry); a crash after
+    taking the job and before the claim leaves the row ``enqueued``, which recovery pushes again.
+    RQ-level ``depends_on`` or callbacks on asyncmodels' jobs are not honoured (asyncmodels never
+    sets them: use ``after=``).
+    """
+
+    #: Seconds: a routine heartbeat, idle-state write or suspension check this soon after the
+    #: last one is skipped.
+    ROUTINE_REDIS_SECONDS = 1.0
+    #: Seconds a call runs before the worker announces it to Redis (see the class docstring);
+    #: well under the minute after which RQ's cleanup fails a job left in the intermediate list.
+    ANNOUNCE_AFTER_SECONDS = 1.0
+
+    _routine_heartbeat_at: float | None = None
+    _suspension_checked_at: float | None = None
+    _announcer: CallAnnouncer | None = None
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if not is_plain_call_job(job):
+            super().execute_job(job, queue)
+            return
+        reset_queries()  # as RecoveryMixin.execute_job does for every job
+        self.run_call_job(job, queue)
+
+    def run_call_job(self, job: Job, queue: Queue) -> None:
+        """Run a job of asyncmodels' ``run_method_call`` with one Redis round trip of bookkeeping
+        (two for a call longer than ``ANNOUNCE_AFTER_SECONDS``).
+
+        Raises what the job lets through (``SystemExit``, ``KeyboardInterrupt``: a cold stop)
+        and Redis' errors (the worker then exits, as RQ's does; recovery sees to the call).
+        """
+        if self._announcer is None:
+            self._announcer = CallAnnouncer(self)
+        # Busy at once for RQ's signal handler: a SIGTERM now waits for the call to finish. In
+        # Redis only once announced (RQ's set_state would write it now).
+        self._state = WorkerStatus.BUSY
+        job.worker_name = self.name  # read by the job (current_worker_name); not written to Redis
+        job.started_at = now()
+        self._announcer.watch(job, queue)
+        succeeded = False
+        try:
+            timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
+                job.perform()
+            succeeded = True
+        except Exception:
+            # The job records the method's own errors on the row; this is a failure around it
+            # (the database unreachable, a timeout outside the method): RQ's handlers log it.
+            self.handle_exception(job, *sys.exc_info())
+        finally:
+            announced = self._announcer.done()
+            job.ended_at = now()
+            with self.connection.pipeline(transaction=False) as pipeline:
+                if not announced:
+                    self.take_off_redis(job, queue, pipeline)
+                self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+                if succeeded:
+                    self.increment_successful_job_count(pipeline=pipeline)
+                else:
+                    self.increment_failed_job_count(pipeline=pipeline)
+                self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
+                self.heartbeat(pipeline=pipeline)
+                pipeline.execute()
+            self._routine_heartbeat_at = time.monotonic()
+        self.log.info("Worker %s: %s: Job OK (%s)", self.name, job.origin, job.id)
+
+    def take_off_redis(self, job: Job, queue: Queue, pipeline: Pipeline) -> None:
+        """Queue on ``pipeline`` the removal of ``job``'s entry in the intermediate list and of
+        its hash: the row is the record, and nothing is left for RQ's cleanup to fail later."""
+        pipeline.lrem(IntermediateQueue.get_intermediate_queue_key(queue.key), 1, job.id)
+        pipeline.delete(job.key, job.dependents_key, job.dependencies_key)
+
+    def announce(self, job: Job, queue: Queue) -> None:
+        """Tell Redis about a call that runs long: job taken off, worker busy, heartbeat over the
+        job's timeout. Called from ``CallAnnouncer``'s thread. Raises Redis' errors."""
+        with self.connection.pipeline(transaction=False) as pipeline:
+            self.take_off_redis(job, queue, pipeline)
+            pipeline.hset(self.key, "state", WorkerStatus.BUSY)
+            ttl = max(self.worker_ttl + 60, self.get_heartbeat_ttl(job))
+            pipeline.hset(self.key, "last_heartbeat", utcformat(now()))
+            pipeline.expire(self.key, ttl)
+            pipeline.expire(self.executions_key, ttl)
+            pipeline.execute()
+
+    def _routine_done_lately(self, at: float | None) -> bool:
+        return at is not None and time.monotonic() - at < self.ROUTINE_REDIS_SECONDS
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, in one round trip; a routine one (no ``timeout``, no ``pipeline``) is
+        skipped within ``ROUTINE_REDIS_SECONDS`` of the last routine one."""
+        routine = timeout is None and pipeline is None
+        if routine and self._routine_done_lately(self._routine_heartbeat_at):
+            return
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+        else:
+            with self.connection.pipeline(transaction=False) as own:
+                super().heartbeat(timeout, pipeline=own)
+                own.execute()
+        # Any other heartbeat may have set a shorter expiry (a job's): the next routine one goes.
+        self._routine_heartbeat_at = time.monotonic() if routine else None
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        if pipeline is None and state == self.get_state():
+            return  # only this process writes its state: Redis holds this one already
+        super().set_state(state, pipeline=pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if self._routine_done_lately(self._suspension_checked_at):
+            return
+        super().check_for_suspension(burst)
+        self._suspension_checked_at = time.monotonic()
+
+
+class CallAnnouncer:
+    """A ``LeanSimpleWorker``'s helper thread: announces (``announce()``) the call it runs once
+    that call has run ``ANNOUNCE_AFTER_SECONDS``; most calls end before, and cost it nothing."""
+
+    def __init__(self, worker: LeanSimpleWorker) -> None:
+        self.worker = worker
+        self._changed = threading.Condition(threading.Lock())
+        self._running: tuple[Job, Queue, float] | None = None  # job, queue, since (monotonic)
+        self._announced = False
+        self._idle = False  # whether the thread waits for a call with no deadline
+        self._thread = threading.Thread(target=self._run, name="asyncmodels-announcer", daemon=True)
+        self._thread.start()
+
+    def watch(self, job: Job, queue: Queue) -> None:
+        """Start watching the call the worker is about to run."""
+        with self._changed:
+            self._running, self._announced = (job, queue, time.monotonic()), False
+            # Woken only from a wait without a deadline: a thread woken for every call cost
+            # ~5 ms a call (the main thread then waits for the GIL to come back).
+            if self._idle:
+                self._changed.notify()
+
+    def done(self) -> bool:
+        """Stop watching (after an announcement in progress, if any); return whether it was announced."""
+        with self._changed:
+            self._running = None
+            return self._announced
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                if self._running is None or self._announced:
+                    self._idle = True
+                    self._changed.wait()
+                    self._idle = False
+                    continue
+                job, queue, since = self._running
+                wait = since + self.worker.ANNOUNCE_AFTER_SECONDS - time.monotonic()
+                if wait > 0:
+                    self._changed.wait(wait)  # the call may end, and others start, meanwhile
+                    continue
+                # Under the lock: done() waits for this, so the idle state cannot come first.
+                try:
+                    self.worker.announce(job, queue)
+                except Exception:
+                    # Not announced: the worker takes the job off Redis when the call ends.
+                    logger.exception("Could not announce job %s to Redis; it runs on regardless.", job.id)
+                    self._running = None
+                else:
+                    self._announced = True
+
+
+def is_plain_call_job(job: Job) -> bool:
+    """Whether ``job`` is asyncmodels' ``run_method_call(call_id, database)`` as ``dispatch`` pushes
+    it: no result kept, no RQ callbacks, repeats or rate limit, whose bookkeeping it would need."""
+    return (
+        job.func_name == JOB_FUNCTION
+        and len(job.args) == 2
+        and not job.kwargs
+        and job.result_ttl == 0
+        and job._success_callback_name is None
+        and job._failure_callback_name is None
+        and job._stopped_callback_name is None
+        and not job.repeats_left
+        and not job.has_rate_limit
+    )

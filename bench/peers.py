@@ -9,8 +9,9 @@ peers are installed there, never as dependencies of the library. Settings: bench
 One worker process drains ``--calls`` no-op calls, for each of:
 
 - asyncmodels: ``Echo.noop`` called on ``--calls`` objects (``bulk_call``, pushed to Redis on
-  commit), run by one ``manage.py rqworker --burst``, forking (``asyncmodels.worker.Worker``) and
-  not (``asyncmodels.worker.SimpleWorker``);
+  commit), run by one ``manage.py rqworker --burst``, forking (``asyncmodels.worker.Worker``),
+  not (``asyncmodels.worker.SimpleWorker``), and not forking without RQ's per-job bookkeeping for
+  asyncmodels' jobs (``asyncmodels.worker.LeanSimpleWorker``);
 - django-tasks' database backend (package django-tasks-db): a ``@task`` no-op enqueued
   ``--calls`` times, run by one ``manage.py db_worker --batch`` (exits when no task is ready);
 - Procrastinate (its Django contrib): a no-op task deferred ``--calls`` times, run by one
@@ -227,6 +228,9 @@ def main() -> int:
         subjects = [
             System("asyncmodels", "forking Worker", peers.asyncmodels("asyncmodels.worker.Worker")),
             System("asyncmodels", "SimpleWorker", peers.asyncmodels("asyncmodels.worker.SimpleWorker")),
+            System(
+                "asyncmodels", "LeanSimpleWorker", peers.asyncmodels("asyncmodels.worker.LeanSimpleWorker")
+            ),
         ]
         others = [
             System("django-tasks (database)", "db_worker --batch", peers.django_tasks),

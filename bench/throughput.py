@@ -23,7 +23,9 @@ shared machine; the ratios are the figures to quote.
 - bulk: ``Echo.noop.bulk_call(objects)`` against single calls (one per transaction) and against a
   hand-written ``bulk_create`` + one pipelined ``enqueue_many`` on commit;
 - execution: draining ``--jobs`` calls with one and two workers, forking
-  (``asyncmodels.worker.Worker``) and not (``asyncmodels.worker.SimpleWorker``), from starting the
+  (``asyncmodels.worker.Worker``), not (``asyncmodels.worker.SimpleWorker``) and not forking
+  without RQ's per-job bookkeeping for asyncmodels' jobs (``asyncmodels.worker.LeanSimpleWorker``;
+  its baselines run on it too, as plain RQ jobs, so they take RQ's full path), from starting the
   workers until they all exited with the queue empty, against a bare RQ job doing the same
   database claim and finish by hand (two ``UPDATE``s of an equivalent row) and a bare no-op job.
   Worker start-up (Django set-up, a first recovery pass) is inside every figure alike.
@@ -110,6 +112,7 @@ CLAIM_AND_FINISH = "testproject.cloud.bench_jobs.claim_and_finish"
 QUEUE = "default"
 FORKING = "asyncmodels.worker.Worker"
 SIMPLE = "asyncmodels.worker.SimpleWorker"
+LEAN = "asyncmodels.worker.LeanSimpleWorker"
 
 
 class Bench:
@@ -328,7 +331,14 @@ def _sections(bench: Bench) -> list[Section]:
             ],
         ),
     ]
-    for worker_class, kind in ((FORKING, "forking"), (SIMPLE, "simple")):
+    # The lean worker's baselines run on asyncmodels' SimpleWorker (RQ's, plus recovery passes):
+    # its target is set against the hand-written job as RQ's SimpleWorker runs it.
+    for worker_class, baseline_class, kind in (
+        (FORKING, FORKING, "forking"),
+        (SIMPLE, SIMPLE, "simple"),
+        (LEAN, SIMPLE, "lean simple"),
+    ):
+        on = "" if baseline_class == worker_class else " (on SimpleWorker)"
         for workers in (1, 2):
 
             def run(
@@ -342,11 +352,11 @@ def _sections(bench: Bench) -> list[Section]:
                     Variant("asyncmodels: run_method_call", jobs, run(bench.drain_library)),
                     [
                         Variant(
-                            "bare RQ job: UPDATE claim + UPDATE finish",
+                            f"bare RQ job: UPDATE claim + UPDATE finish{on}",
                             jobs,
-                            run(bench.drain_claim_and_finish),
+                            run(bench.drain_claim_and_finish, baseline_class),
                         ),
-                        Variant("bare RQ job: no-op", jobs, run(bench.drain_noop)),
+                        Variant(f"bare RQ job: no-op{on}", jobs, run(bench.drain_noop, baseline_class)),
                     ],
                 )
             )

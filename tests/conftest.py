@@ -96,18 +96,23 @@ def _worker_env() -> dict[str, str]:
 
 @pytest.fixture
 def run_worker(redis_connection: redis.Redis) -> RunWorker:
-    """Drain the given queues (all by default) with one burst worker; return its output."""
+    """Drain the given queues (all by default) with one burst worker; return its output.
 
-    def run(*queues: str) -> str:
+    With ``worker_class``, always a real ``rqworker --burst`` process of that class (in the fake
+    mode the test then needs ``live_redis``, a Redis server the process can reach).
+    """
+
+    def run(*queues: str, worker_class: str | None = None) -> str:
         names = queues or ALL_QUEUES
-        if SERVICES == "fake":
+        if SERVICES == "fake" and worker_class is None:
             worker = SimpleWorker(
                 [django_rq.get_queue(name, commit_mode="auto") for name in names], connection=redis_connection
             )
             worker.work(burst=True)
             return ""
+        chosen = ["--worker-class", worker_class] if worker_class else []
         completed = subprocess.run(
-            [sys.executable, "manage.py", "rqworker", "--burst", *names],
+            [sys.executable, "manage.py", "rqworker", "--burst", *chosen, *names],
             cwd=REPO,
             env=_worker_env(),
             capture_output=True,
@@ -135,9 +140,11 @@ def queued_jobs(redis_connection: redis.Redis) -> Callable[..., int]:
 class WorkerProcess:
     """A real ``manage.py rqworker`` (asyncmodels' recovering worker) in its own process group."""
 
-    def __init__(self, queues: tuple[str, ...], env: dict[str, str]) -> None:
+    def __init__(
+        self, queues: tuple[str, ...], env: dict[str, str], worker_class: str = "asyncmodels.worker.Worker"
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "rqworker", "--worker-class", "asyncmodels.worker.Worker", *queues],
+            [sys.executable, "manage.py", "rqworker", "--worker-class", worker_class, *queues],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -205,8 +212,8 @@ def spawn_worker(redis_connection: redis.Redis) -> Iterator[SpawnWorker]:
     """Start real worker processes (killed at the end of the test); needs ``live_redis``."""
     started: list[WorkerProcess] = []
 
-    def spawn(*queues: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(queues or ALL_QUEUES, {**_worker_env(), **FAST_RECOVERY, **env})
+    def spawn(*queues: str, worker_class: str = "asyncmodels.worker.Worker", **env: str) -> WorkerProcess:
+        worker = WorkerProcess(queues or ALL_QUEUES, {**_worker_env(), **FAST_RECOVERY, **env}, worker_class)
         started.append(worker)
         return worker
 
