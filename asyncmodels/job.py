@@ -686,7 +686,12 @@ def _record_failure(
     if call.task_backend:  # a task's result lists every failed attempt with its traceback
         entry.update(error_type=error_type, traceback=trace[-20000:])
     log = [*call.attempt_log, entry]
-    errors: dict[str, Any] = {"error_type": error_type, "error": error, "traceback": trace, "attempt_log": log}
+    errors: dict[str, Any] = {
+        "error_type": error_type,
+        "error": error,
+        "traceback": trace,
+        "attempt_log": log,
+    }
     changes: dict[str, Any]
     if retryable and policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)
