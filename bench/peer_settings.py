@@ -10,7 +10,15 @@ from typing import Any
 from testproject.settings import *  # noqa: F403
 from testproject.settings import DATABASES, INSTALLED_APPS
 
-INSTALLED_APPS = [*INSTALLED_APPS, "django_tasks", "django_tasks_db", "procrastinate.contrib.django"]
+# The test project lists django_tasks already where the backport is installed (as here).
+INSTALLED_APPS = [
+    *INSTALLED_APPS,
+    *(
+        app
+        for app in ("django_tasks", "django_tasks_db", "procrastinate.contrib.django")
+        if app not in INSTALLED_APPS
+    ),
+]
 
 #: App label -> the database alias that holds its tables, and nothing else.
 PEER_DATABASES = {"django_tasks_db": "tasks", "procrastinate": "procrastinate"}
@@ -23,7 +31,11 @@ DATABASES = {
 }
 DATABASE_ROUTERS = ["bench.peer_settings.PeerRouter"]
 
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+TASKS = {
+    "default": {"BACKEND": "django_tasks_db.DatabaseBackend"},
+    # The same no-op task through asyncmodels' backend (bench.peer_tasks.asyncmodels_noop).
+    "asyncmodels": {"BACKEND": "asyncmodels.backends.tasks.AsyncModelsBackend", "QUEUES": ["default"]},
+}
 PROCRASTINATE_DATABASE_ALIAS = PEER_DATABASES["procrastinate"]
 PROCRASTINATE_IMPORT_PATHS = ["bench.peer_tasks"]
 PROCRASTINATE_AUTODISCOVER_MODULE_NAME = ""

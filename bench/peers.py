@@ -140,6 +140,20 @@ class Peers:
 
         return run
 
+    def asyncmodels_task(self) -> float:
+        """The peers' own workload: a no-op ``@task`` function (no object to reload), enqueued
+        through the tasks framework on asyncmodels' backend, drained by ``LeanSimpleWorker``."""
+        from bench.peer_tasks import asyncmodels_noop
+
+        with transaction.atomic():  # pushed on commit, in one pipeline
+            for _ in range(ARGS.calls):
+                asyncmodels_noop.enqueue()
+        if self.queue.count != ARGS.calls:
+            raise SystemExit(f"expected {ARGS.calls} jobs in the queue, found {self.queue.count}")
+        worker_class = "asyncmodels.worker.LeanSimpleWorker"
+        command = [*MANAGE, "rqworker", "--burst", "-v", "0", "--worker-class", worker_class, "default"]
+        return self._drain(command, lambda: MethodCall.objects.filter(state=CallState.SUCCEEDED).count())
+
     def django_tasks(self) -> float:
         from django_tasks_db.models import DBTaskResult
 
@@ -231,6 +245,7 @@ def main() -> int:
             System(
                 "asyncmodels", "LeanSimpleWorker", peers.asyncmodels("asyncmodels.worker.LeanSimpleWorker")
             ),
+            System("asyncmodels", "@task on LeanSimpleWorker", peers.asyncmodels_task),
         ]
         others = [
             System("django-tasks (database)", "db_worker --batch", peers.django_tasks),
