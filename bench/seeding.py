@@ -34,7 +34,7 @@ def seed_calls(rows: int, *, unfinished: bool = True) -> None:
             INSERT INTO asyncmodels_methodcall (
                 content_type_id, object_id, method, queue, state, args, kwargs, result, result_note,
                 error_type, error, traceback, attempts, worker, policy, attempt_log, state_reason,
-                waits, progress_message, created_at, enqueued_at, started_at, finished_at
+                waits, progress_message, task_backend, created_at, enqueued_at, started_at, finished_at
             )
             SELECT
                 CASE WHEN i %% 10 < 6 THEN %(instance)s WHEN i %% 10 < 8 THEN %(account)s ELSE %(echo)s END,
@@ -54,7 +54,7 @@ def seed_calls(rows: int, *, unfinished: bool = True) -> None:
                      ELSE '' END,
                 CASE WHEN s.state = 'failed' THEN 'Traceback (most recent call last):\n  ...' ELSE '' END,
                 CASE WHEN s.state IN ('pending', 'enqueued', 'scheduled') THEN 0 ELSE 1 END,
-                'bench-worker', '{"retries": 0}'::jsonb, '[]'::jsonb, '', 0, '',
+                'bench-worker', '{"retries": 0}'::jsonb, '[]'::jsonb, '', 0, '', '',
                 s.created, s.created, s.created + interval '1 second', s.created + interval '2 seconds'
             FROM generate_series(1, %(rows)s) AS i,
             LATERAL (
