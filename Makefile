@@ -69,7 +69,7 @@ bench-admin: $(BIN)/.installed
 
 # Issue 6's scale targets on PostgreSQL + Redis (db 7): a recovery pass over a million finished
 # calls with a hundred stranded ones (against the same pass over a table holding only them), the
-# plan of every statement recovery, a call, the job and the admin list send, and two real workers'
+# plan of every statement recovery, a call, the job and the admin list send, and three real workers' (forking, simple, lean)
 # memory after 100 and 10,000 calls. Its own database (asyncmodels_bench_scale, or
 # $$ASYNCMODELS_BENCH_DB), dropped at the end. SCALE_ARGS='--quick' is the < 60 s smoke test.
 SCALE_ARGS ?=

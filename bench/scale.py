@@ -503,16 +503,21 @@ def _run_batch(runs: list[WorkerRun], echos: list[Echo], count: int) -> dict[str
 def measure_memory() -> list[list[str]]:
     """One row per worker class: its RSS after the warm calls and after all, their ratio.
 
-    Both workers run at once, each on a queue of its own (the memory of one does not depend on
+    The workers run at once, each on a queue of its own (the memory of one does not depend on
     the other; the time they take does, and is shown only to say how long it took)."""
     size = min(ARGS.warm_calls, 1000)
     echos = list(Echo.objects.order_by("pk")[:size])
     if len(echos) < size:
         Echo.objects.bulk_create(Echo(note=f"bench {i}") for i in range(size - len(echos)))
         echos = list(Echo.objects.order_by("pk")[:size])
-    with tempfile.TemporaryFile() as simple_log, tempfile.TemporaryFile() as forking_log:
+    with (
+        tempfile.TemporaryFile() as simple_log,
+        tempfile.TemporaryFile() as lean_log,
+        tempfile.TemporaryFile() as forking_log,
+    ):
         runs = [
             WorkerRun("asyncmodels.worker.SimpleWorker", "default", simple_log),
+            WorkerRun("asyncmodels.worker.LeanSimpleWorker", "provisioning", lean_log),
             WorkerRun("asyncmodels.worker.Worker", "urgent", forking_log),
         ]
         try:
