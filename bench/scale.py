@@ -30,9 +30,10 @@ parts, each printed against issue 6's target:
    EXPLAINed on the seeded table (``EXPLAIN ANALYZE`` for reads, plain ``EXPLAIN`` for writes),
    and flagged if it has a sequential scan of the calls table, a sort of more than 1,000 rows or
    a scan node that read and threw away more than 10,000 rows.
-3. Memory: "a worker's resident memory after 10,000 calls against after 100, within 10 %". Two
+3. Memory: "a worker's resident memory after 10,000 calls against after 100, within 10 %". Three
    real ``manage.py rqworker`` processes (not ``--burst``), run at once, each on a queue of its
-   own: ``asyncmodels.worker.SimpleWorker`` (the calls run in it) on ``default``, and the forking
+   own: ``asyncmodels.worker.SimpleWorker`` (the calls run in it) on ``default``,
+   ``asyncmodels.worker.LeanSimpleWorker`` (likewise) on ``provisioning``, and the forking
    ``asyncmodels.worker.Worker`` (each call runs in a work horse, a fresh fork that exits after
    it: the parent's memory is measured) on ``urgent``. Each is given ``--warm-calls``
    ``Echo.noop()`` calls, then as many more as make ``--calls`` in all; its VmRSS
