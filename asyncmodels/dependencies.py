@@ -183,32 +183,39 @@ def settle_dependents_of(call_ids: list[int], database: str) -> None:
                 todo.append(waiting_id)
 
 
-def cancel_doomed(doomed: dict[int, int], database: str) -> list[int]:
-    """Cancel waiting calls whose dependency failed or was cancelled, all in one ``UPDATE``:
-    ``doomed`` maps each call's id to the id of such a dependency, named in its reason. A
-    compare-and-set from ``waiting``; returns the ids cancelled here. (``settle()`` does one call
-    and reads its dependencies itself.) The caller settles the calls waiting for these in turn
-    (``settle_dependents_of``). Needs ``UPDATE … RETURNING`` (``updates_return_rows``)."""
-    from .models import CallState, MethodCall, update_returning_sql
+def doomed_reasons(doomed: dict[int, int], database: str) -> dict[int, str]:
+    """For waiting calls whose dependency failed or was cancelled (``doomed`` maps each call's id
+    to that dependency's id): the reason each is cancelled with, naming the dependency. One query.
+    A dependency that no longer exists is left out."""
+    from .models import MethodCall
 
-    manager = MethodCall.objects.using(database)
     ended = {
         pk: (method, state)
-        for pk, method, state in manager.filter(pk__in=set(doomed.values())).values_list(
-            "pk", "method", "state"
-        )
+        for pk, method, state in MethodCall.objects.using(database)
+        .filter(pk__in=set(doomed.values()))
+        .values_list("pk", "method", "state")
     }
-    reasons = {
+    return {
         call_id: f"Call #{depends_on} ({ended[depends_on][0]}), which this call waited for, "
         f"{ended[depends_on][1]}; this call never ran."
         for call_id, depends_on in doomed.items()
         if depends_on in ended
     }
+
+
+def cancel_doomed(reasons: dict[int, str], database: str) -> list[int]:
+    """Cancel waiting calls whose dependency failed or was cancelled, all in one ``UPDATE``, each
+    with its reason (``doomed_reasons``). A compare-and-set from ``waiting``; returns the ids
+    cancelled here. (``settle()`` does one call and reads its dependencies itself.) The caller
+    settles the calls waiting for these in turn (``settle_dependents_of``), once committed. Needs
+    ``UPDATE … RETURNING`` (``updates_return_rows``)."""
+    from .models import CallState, MethodCall, update_returning_sql
+
     if not reasons:
         return []
     quote = connections[database].ops.quote_name
     rows = update_returning_sql(
-        manager.filter(pk__in=list(reasons), state=CallState.WAITING),
+        MethodCall.objects.using(database).filter(pk__in=list(reasons), state=CallState.WAITING),
         {
             "state": CallState.CANCELLED,
             "finished_at": Now(),

@@ -148,6 +148,13 @@ def _one_commit(database: str) -> Iterator[None]:
         return
     with transaction.atomic(using=database):
         yield
+        if transaction.get_connection(database).needs_rollback:
+            # An error was caught and swallowed inside the transaction (a "never raises" helper, a
+            # signal receiver): Django would now roll it back in silence, and the pass would count
+            # as moved calls that did not move. Fail the step instead: the next pass finds them.
+            raise DatabaseError(
+                f"A statement of this recovery step failed on {database!r}; the step was rolled back."
+            )
 
 
 def _batch_size() -> int:
@@ -245,8 +252,12 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
     for call in calls:
         by_queue[call.queue].append(call)
     report = RecoveryReport()
-    dead: dict[int, tuple[str, Any]] = {}  # call id -> (its job's status, the Redis holding it)
+    dead: dict[int, tuple[str | None, Any]] = {}  # call id -> (its job's status, the Redis holding it)
+    known = conf.get_rq_queue_names()
     for queue_name, queued in by_queue.items():
+        if queue_name not in known:  # never pushable again: taken below, and failed by _send
+            dead.update((call.pk, (None, None)) for call in queued)
+            continue
         try:
             queue = dispatch.get_queue(queue_name)
             connection, queue_key = queue.connection, queue.key
@@ -353,14 +364,17 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
                 ]
             ),
         )
-        for call_id, state, key, has_dependents in ended:
-            call = per_call[call_id][0]
-            call.state, call.exclusive_key = state, key
-            setattr(call, HAS_DEPENDENTS, bool(has_dependents))
-            after_attempt(call)
-            report += _count_lost(state)
-            each = per_call[call_id][1]
-            logger.warning("Call %s (now %s): %s", call_id, state, each["state_reason"] or each["error"])
+    # Committed: what follows each ended attempt (the next exclusive call, dependents, a task's
+    # signal) runs outside the step's transaction, as after a job, so that nothing it does (or
+    # swallows) can undo the batch.
+    for call_id, state, key, has_dependents in ended:
+        call = per_call[call_id][0]
+        call.state, call.exclusive_key = state, key
+        setattr(call, HAS_DEPENDENTS, bool(has_dependents))
+        report += _count_lost(state)
+        each = per_call[call_id][1]
+        logger.warning("Call %s (now %s): %s", call_id, state, each["state_reason"] or each["error"])
+        after_attempt(call)
     return report
 
 
@@ -459,11 +473,14 @@ def _settle_waiting(database: str) -> RecoveryReport:
                     continue
                 report += _count_settled(state)
         return report
+    # Read before the transaction, so that its first statement is a write: SQLite refuses at once
+    # (no busy wait) to turn a transaction's read lock into a write lock another pass holds.
+    reasons = dependencies.doomed_reasons(doomed, database) if doomed else {}
+    cancelled: list[int] = []
     with _one_commit(database):
-        if doomed:
-            cancelled = dependencies.cancel_doomed(doomed, database)
+        if reasons:
+            cancelled = dependencies.cancel_doomed(reasons, database)
             report.cancelled_waiting += len(cancelled)
-            dependencies.settle_dependents_of(cancelled, database)  # cancelled in turn
         if released:
             not_yet = Q(run_after__gt=Now())
             rows = _take(
@@ -483,6 +500,8 @@ def _settle_waiting(database: str) -> RecoveryReport:
             report.released_waiting += len(rows)
             _, errors = _send([row for row in rows if row.state == CallState.ENQUEUED], ask_first=True)
             report.errors += errors
+    if cancelled:
+        dependencies.settle_dependents_of(cancelled, database)  # cancelled in turn, once committed
     return report
 
 
