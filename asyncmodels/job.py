@@ -42,6 +42,7 @@ from .exceptions import CallCancelledError, DecodingError, EncodingError
 from .models import (
     CLAIMABLE_STATES,
     CallState,
+    CompiledGet,
     CompiledUpdate,
     MethodCall,
     Slot,
@@ -470,6 +471,10 @@ def _prepare_task(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]
     return runner, None, args, kwargs
 
 
+#: The object's reload, compiled once per model and database.
+_OBJECTS = CompiledGet()
+
+
 def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
     """Find the method, reload the object and decode the arguments; raise ``_CannotRun`` if not."""
     if call.task_backend:
@@ -490,7 +495,7 @@ def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
             f"{label} (content type {expected.pk}); nothing was run.",
         )
     try:
-        instance = entry.model._base_manager.db_manager(database).get(pk=call.object_id)
+        instance = _OBJECTS.get(entry.model, database, call.object_id)
     except ObjectDoesNotExist:
         raise _CannotRun(
             "asyncmodels.ObjectDoesNotExist",

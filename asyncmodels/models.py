@@ -772,6 +772,100 @@ class CompiledUpdate:
             return list(cursor.fetchall())
 
 
+class CompiledGet:
+    """``model._base_manager.db_manager(database).get(pk=…)``, compiled once per model and database.
+
+    The job reloads its object by primary key for every call; building and compiling that
+    query cost about twice what PostgreSQL took to answer it. The statement is the ORM's own
+    (the base manager's queryset, filtered on the pk), compiled on first use, then run with a
+    new pk each time and loaded as ``ModelIterable`` would load it (``Model.from_db``, the
+    fields' converters). A base manager whose queryset adds related models, annotations,
+    extra columns or deferred fields is not compiled: ``get()`` runs as usual for it.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[type[models.Model], str], _CompiledSelect | None] = {}
+
+    def get(self, model: type[M], database: str, pk: Any) -> M:
+        """The ``model`` instance on ``database`` whose pk is ``pk`` (any value the pk field's
+        ``get_prep_value`` accepts, e.g. its string form).
+
+        Raises ``model.DoesNotExist`` if there is none; ``ValueError``, ``TypeError`` or
+        ``ValidationError`` for a value the pk field rejects (as ``get()`` does); and what the
+        database raises.
+        """
+        from django.db import connections
+
+        key = (model, database)
+        if key not in self._compiled:
+            self._compiled[key] = _CompiledSelect.of(model, database)
+        compiled = self._compiled[key]
+        if compiled is None:
+            return model._base_manager.db_manager(database).get(pk=pk)
+        connection = connections[database]
+        value = model._meta.pk.get_db_prep_value(pk, connection, prepared=False)
+        params = [value if isinstance(param, Slot) else param for param in compiled.params]
+        with connection.cursor() as cursor:
+            cursor.execute(compiled.sql, params)
+            rows = cursor.fetchall()
+        if not rows:
+            raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
+        if compiled.converters:
+            rows = list(compiled.compiler.apply_converters(rows, compiled.converters))
+        return model.from_db(database, compiled.names, rows[0])
+
+
+class _CompiledSelect:
+    """The compiled pk lookup of ``CompiledGet``: SQL, parameters (a ``Slot`` for the pk), and
+    how to load a row (attribute names in select order, the converters, the compiler)."""
+
+    def __init__(
+        self, sql: str, params: tuple[Any, ...], names: list[str], converters: Any, compiler: Any
+    ) -> None:
+        self.sql, self.params, self.names = sql, params, names
+        self.converters, self.compiler = converters, compiler
+
+    @classmethod
+    def of(cls, model: type[models.Model], database: str) -> _CompiledSelect | None:
+        """Compile ``model``'s pk lookup on ``database``, or ``None`` if its base manager's
+        queryset loads more than the model's own columns (then ``get()`` is used)."""
+        pk_field = model._meta.pk
+        try:
+            query = model._base_manager.db_manager(database).filter(pk=Slot("pk", pk_field)).query
+        except Exception:  # a pk lookup the ORM builds another way (an unusual pk): use get()
+            return None
+        if (
+            query.select_related is not False
+            or query.annotations
+            or query.extra
+            or query.deferred_loading != (frozenset(), True)
+            or not query.default_cols
+            or query.combinator
+            or query.distinct
+        ):
+            return None
+        compiler = query.get_compiler(database)
+        try:
+            sql, params = compiler.as_sql()
+        except Exception:
+            return None
+        klass_info = compiler.klass_info
+        if (
+            not klass_info
+            or klass_info["model"] is not model
+            or klass_info.get("related_klass_infos")
+            or compiler.annotation_col_map
+            or sum(isinstance(param, Slot) for param in params) != 1
+        ):
+            return None
+        select_fields = klass_info["select_fields"]
+        if select_fields != list(range(len(compiler.select))):
+            return None
+        columns = [column for column, _sql, _alias in compiler.select]
+        names = [column.target.attname for column in columns]
+        return cls(sql, tuple(params), names, compiler.get_converters(columns), compiler)
+
+
 def returned_calls(database: str, rows: list[Any]) -> list[MethodCall]:
     """``MethodCall`` instances from rows holding every concrete column (``all_columns_sql``), in
     order. Raises what converting a value raises (a forged or corrupt row)."""
