@@ -213,17 +213,16 @@ def _claim_and_run(call_id: int, database: str) -> None:
     if not claimed:
         logger.info("Call %s on database %r is not claimable; skipped.", call_id, database)
         return
-    manager = MethodCall.objects.using(database)
     try:
         call = (
             claimed
             if isinstance(claimed, MethodCall)
-            else _reconnecting(database, lambda: manager.get(pk=call_id))
+            else _reconnecting(database, lambda: MethodCall.objects.using(database).get(pk=call_id))
         )
     except (OperationalError, InterfaceError):
         raise  # the database is unreachable: the lease runs out and recovery takes over
     except Exception as exc:  # a forged or corrupt row that cannot even be loaded
-        manager.filter(pk=call_id, state=CallState.RUNNING).update(
+        MethodCall.objects.using(database).filter(pk=call_id, state=CallState.RUNNING).update(
             state=CallState.FAILED,
             finished_at=Now(),
             lease_expires_at=None,
@@ -317,6 +316,7 @@ class _LeaseRenewer:
         self._changed = threading.Condition(threading.Lock())
         self._leases: dict[int, LeaseKeeper] = {}
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # when the thread next wakes by itself (monotonic seconds)
 
     def add(self, lease: LeaseKeeper) -> None:
         with self._changed:
@@ -324,7 +324,10 @@ class _LeaseRenewer:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="asyncmodels-leases", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            elif lease.due < self._wakes_at:
+                # Woken only when it would otherwise sleep past this lease's renewal: a thread
+                # woken for every call costs the call the time it waits for the GIL back.
+                self._changed.notify()
 
     def remove(self, lease: LeaseKeeper) -> None:
         with self._changed:
@@ -342,8 +345,11 @@ class _LeaseRenewer:
                 due = [lease for lease in self._leases.values() if lease.due <= now]
                 if due:
                     return due
-                wait = min((lease.due for lease in self._leases.values()), default=now + 3600) - now
-                self._changed.wait(wait)
+                # With no lease to renew, wake after one renewal interval anyway: a call that
+                # starts meanwhile is due no earlier, so it need not wake the thread (add()).
+                idle = now + conf.get_duration("LEASE_RENEW_SECONDS").total_seconds()
+                self._wakes_at = min((lease.due for lease in self._leases.values()), default=idle)
+                self._changed.wait(self._wakes_at - now)
 
     def _run(self) -> None:
         try:
@@ -621,6 +627,14 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
 TOO_LATE_TO_CANCEL = "A cancel was requested while the attempt ran, but the method finished first."
 
 
+#: ``state_reason`` recorded with a success (the ORM copies an expression where it uses it).
+_REASON_AFTER_SUCCESS = Case(
+    When(cancel_requested_at__isnull=False, then=Value(TOO_LATE_TO_CANCEL)),
+    default=Value(""),
+    output_field=TextField(),
+)
+
+
 def _succeeded(result: Any, note: Any, log: Any) -> dict[str, Any]:
     """The changes that record a success: the encoded ``result``, its ``note``, the attempt ``log``."""
     return {
@@ -630,11 +644,7 @@ def _succeeded(result: Any, note: Any, log: Any) -> dict[str, Any]:
         "result_note": note,
         "attempt_log": log,
         # The work was done: a cancel requested meanwhile came too late, and the row says so.
-        "state_reason": Case(
-            When(cancel_requested_at__isnull=False, then=Value(TOO_LATE_TO_CANCEL)),
-            default=Value(""),
-            output_field=TextField(),
-        ),
+        "state_reason": _REASON_AFTER_SUCCESS,
         # Earlier attempts' errors stay in attempt_log; the call itself no longer has an error.
         "error_type": "",
         "error": "",

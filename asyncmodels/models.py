@@ -869,13 +869,20 @@ class _CompiledSelect:
 def returned_calls(database: str, rows: list[Any]) -> list[MethodCall]:
     """``MethodCall`` instances from rows holding every concrete column (``all_columns_sql``), in
     order. Raises what converting a value raises (a forged or corrupt row)."""
-    fields = list(MethodCall._meta.concrete_fields)
-    compiler = MethodCall._default_manager.using(database).query.get_compiler(database)
-    converters = compiler.get_converters([field.get_col(MethodCall._meta.db_table) for field in fields])
-    names = [field.attname for field in fields]
+    loader = _CALL_LOADERS.get(database)
+    if loader is None:
+        fields = list(MethodCall._meta.concrete_fields)
+        compiler = MethodCall._default_manager.using(database).query.get_compiler(database)
+        converters = compiler.get_converters([field.get_col(MethodCall._meta.db_table) for field in fields])
+        loader = _CALL_LOADERS[database] = (compiler, converters, [field.attname for field in fields])
+    compiler, converters, names = loader
     return [
         MethodCall.from_db(database, names, values) for values in compiler.apply_converters(rows, converters)
     ]
+
+
+#: Per database: the compiler, column converters and attribute names ``returned_calls`` loads with.
+_CALL_LOADERS: dict[str, tuple[Any, Any, list[str]]] = {}
 
 
 def all_columns_sql(database: str) -> str:

@@ -25,6 +25,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import redis
 from django.db import connections, reset_queries
 from django.db.models import Q
 from rq.exceptions import StopRequested
@@ -32,7 +33,7 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
-from rq.utils import now, utcformat
+from rq.utils import as_text, now, utcformat
 from rq.worker import SimpleWorker as RQSimpleWorker
 from rq.worker import Worker as RQWorker
 from rq.worker import WorkerStatus
@@ -175,8 +176,11 @@ class LeanSimpleWorker(SimpleWorker):
     is what recovers a call whose worker died. So for a job of ``run_method_call`` this worker
     skips RQ's execution records, started/finished registries, job status changes, result
     handling, dependents and callbacks (about twenty Redis commands per job): it runs the job
-    under RQ's job timeout, then in one round trip takes the job off Redis (its entry in the
-    queue's intermediate list, its hash) and records its own state, statistics and heartbeat.
+    under RQ's job timeout, then takes the job off Redis (its entry in the queue's intermediate
+    list, its hash) and records its own state, statistics and heartbeat, in the same round trip
+    as it takes the next job: id and hash at once (``take_next_job``), one request per call.
+    A worker on several queues, or on a Redis older than 6.2 or without scripting, takes its
+    jobs as RQ does (two requests), and sends that bookkeeping in a request of its own.
 
     A call still running after ``ANNOUNCE_AFTER_SECONDS`` is announced from a helper thread:
     the job taken off Redis, the worker shown busy, its heartbeat stretched over the job's
@@ -207,6 +211,94 @@ class LeanSimpleWorker(SimpleWorker):
     _routine_heartbeat_at: float | None = None
     _suspension_checked_at: float | None = None
     _announcer: CallAnnouncer | None = None
+    #: The last call's bookkeeping (``run_call_job``), sent with the next take (``take_next_job``).
+    _bookkeeping: Pipeline | None = None
+    #: Whether Redis runs ``TAKE_NEXT_JOB`` (set false the first time it refuses).
+    _scripting = True
+
+    #: Lua, one round trip: move the next job id from the queue (KEYS[1]) to its intermediate
+    #: list (KEYS[2]), as RQ's own LMOVE does, and return it with its hash (key prefix ARGV[1]).
+    TAKE_NEXT_JOB = """
+local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+if not id then return false end
+return {id, redis.call('HGETALL', ARGV[1] .. id)}
+"""
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """Take the next job in one round trip (``take_next_job``) if one is waiting; else wait
+        for one as RQ does (heartbeats, maintenance, a blocking pop of up to ``timeout`` seconds)."""
+        taken = self.take_next_job()
+        if taken is not None:
+            return taken
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def take_next_job(self) -> tuple[Job, Queue] | None:
+        """The next job of this worker's only queue and the queue, or ``None`` if it is empty (or
+        the worker listens to several queues, or Redis is older than 6.2: RQ's own path then
+        pops). One round trip, which also carries the last call's bookkeeping.
+
+        A Redis error is logged and gives ``None``: RQ's path, which follows, retries the
+        connection as it always does.
+        """
+        pipeline, self._bookkeeping = self._bookkeeping, None
+        queues = self._ordered_queues
+        version = self.get_redis_server_version()  # type: ignore[no-untyped-call]
+        if len(queues) != 1 or version < (6, 2, 0) or not self._scripting:
+            if pipeline is not None:
+                self._send_bookkeeping(pipeline)
+            return None
+        queue = queues[0]
+        keys = (queue.key, IntermediateQueue.get_intermediate_queue_key(queue.key))
+        while True:
+            if pipeline is None:
+                pipeline = self.connection.pipeline(transaction=False)
+            pipeline.eval(self.TAKE_NEXT_JOB, 2, *keys, self.job_class.redis_job_namespace_prefix)
+            try:
+                with pipeline:
+                    taken = pipeline.execute(raise_on_error=False)[-1]
+            except redis.RedisError:
+                self.log.warning("Worker %s: could not take a job from Redis", self.name, exc_info=True)
+                return None
+            if isinstance(taken, redis.ResponseError):
+                # EVAL refused (a Redis-compatible server without scripting, say): RQ's own
+                # pops from now on; the bookkeeping sent with it went through regardless.
+                self._scripting = False
+                self.log.warning(
+                    "Worker %s: Redis refused the one-round-trip take (%s); taking jobs as RQ does.",
+                    self.name,
+                    taken,
+                )
+                return None
+            pipeline = None
+            if not taken:
+                return None
+            job_id, fields = as_text(taken[0]), taken[1]
+            if not fields:
+                continue  # its hash is gone (deleted, expired): RQ passes over it the same way
+            job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+            job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+            job.redis_server_version = version
+            self.reorder_queues(reference_queue=queue)
+            if self.log_job_description:
+                self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+            else:
+                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+            return job, queue
+
+    def _send_bookkeeping(self, pipeline: Pipeline) -> None:
+        try:
+            with pipeline:
+                pipeline.execute()
+        except redis.RedisError:
+            self.log.warning("Worker %s: could not record its last job in Redis", self.name, exc_info=True)
+
+    def teardown(self) -> None:
+        if self._bookkeeping is not None:
+            pipeline, self._bookkeeping = self._bookkeeping, None
+            self._send_bookkeeping(pipeline)
+        super().teardown()  # type: ignore[no-untyped-call]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         if not is_plain_call_job(job):
@@ -216,8 +308,9 @@ class LeanSimpleWorker(SimpleWorker):
         self.run_call_job(job, queue)
 
     def run_call_job(self, job: Job, queue: Queue) -> None:
-        """Run a job of asyncmodels' ``run_method_call`` with one Redis round trip of bookkeeping
-        (two for a call longer than ``ANNOUNCE_AFTER_SECONDS``).
+        """Run a job of asyncmodels' ``run_method_call``; its Redis bookkeeping is sent with the
+        next take (``take_next_job``) or when the worker stops (plus one request for a call
+        longer than ``ANNOUNCE_AFTER_SECONDS``).
 
         Raises what the job lets through (``SystemExit``, ``KeyboardInterrupt``: a cold stop)
         and Redis' errors (the worker then exits, as RQ's does; recovery sees to the call).
@@ -243,17 +336,17 @@ class LeanSimpleWorker(SimpleWorker):
         finally:
             announced = self._announcer.done()
             job.ended_at = now()
-            with self.connection.pipeline(transaction=False) as pipeline:
-                if not announced:
-                    self.take_off_redis(job, queue, pipeline)
-                self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
-                if succeeded:
-                    self.increment_successful_job_count(pipeline=pipeline)
-                else:
-                    self.increment_failed_job_count(pipeline=pipeline)
-                self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
-                self.heartbeat(pipeline=pipeline)
-                pipeline.execute()
+            # Sent with the next take (take_next_job), or when the worker stops (teardown).
+            pipeline = self._bookkeeping = self.connection.pipeline(transaction=False)
+            if not announced:
+                self.take_off_redis(job, queue, pipeline)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+            if succeeded:
+                self.increment_successful_job_count(pipeline=pipeline)
+            else:
+                self.increment_failed_job_count(pipeline=pipeline)
+            self.increment_total_working_time(job.ended_at - job.started_at, pipeline)
+            self.heartbeat(pipeline=pipeline)
             self._routine_heartbeat_at = time.monotonic()
         self.log.info("Worker %s: %s: Job OK (%s)", self.name, job.origin, job.id)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
 import django_rq
 import pytest
@@ -16,7 +18,7 @@ from asyncmodels.job import run_method_call
 from asyncmodels.models import CallState, MethodCall
 from testproject.cloud.models import Account, Echo, Instance, Region, Volume
 
-from .conftest import RunWorker
+from .conftest import RunWorker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -389,3 +391,34 @@ def test_bookkeeping_retries_once_on_a_fresh_connection(monkeypatch: pytest.Monk
     assert (call.state, failures) == (CallState.SUCCEEDED, [1])
     echo.refresh_from_db()
     assert echo.hits == 1
+
+
+def test_the_lease_thread_is_woken_only_for_a_lease_due_before_it_wakes(
+    instance: Instance, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    from asyncmodels import job
+
+    settings.ASYNCMODELS = {**settings.ASYNCMODELS, "LEASE_SECONDS": 600, "LEASE_RENEW_SECONDS": 200}
+    renewer = job._LeaseRenewer()
+    notified: list[float] = []
+    notify = renewer._changed.notify
+
+    def counted(n: int = 1) -> None:
+        notified.append(time.monotonic())
+        notify(n)
+
+    monkeypatch.setattr(renewer._changed, "notify", counted)
+    call = instance.describe()
+    first = job.LeaseKeeper(call)
+    renewer.add(first)  # starts the thread, which then sleeps until this lease is due
+    wait_for(lambda: renewer._wakes_at == first.due, message="the thread to sleep until the lease is due")
+    later = job.LeaseKeeper(call)  # due after the thread wakes anyway: left asleep
+    renewer.add(later)
+    assert notified == []
+    sooner = job.LeaseKeeper(call)
+    sooner.due = first.due - 5
+    renewer.add(sooner)  # due before it wakes: woken, and it now sleeps until this one
+    assert len(notified) == 1
+    wait_for(lambda: renewer._wakes_at == sooner.due, message="the thread to sleep until the sooner lease")
+    for lease in (first, later, sooner):
+        renewer.remove(lease)

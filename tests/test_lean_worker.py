@@ -7,6 +7,7 @@ worker in process on fakeredis for what needs no second process.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from typing import Any
@@ -220,3 +221,86 @@ def test_only_jobs_as_dispatch_pushes_them_take_the_lean_path(redis_connection: 
         queue.enqueue("asyncmodels.job.run_method_call", 1, "default", result_ttl=60)
     )
     assert not is_plain_call_job(queue.enqueue("testproject.cloud.bench_jobs.noop", result_ttl=0))
+
+
+def _count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the requests sent to Redis (one per command, or per pipeline) from now on."""
+    sent: list[int] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        original(self, command, check_health)  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    return sent
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+@pytest.mark.live_redis
+def test_each_further_call_costs_one_redis_round_trip(
+    redis_connection: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The take of the next job (its id and hash, in one script) carries the last call's
+    # bookkeeping: between the starts of two calls, one request to Redis.
+    monkeypatch.setattr(LeanSimpleWorker, "ROUTINE_REDIS_SECONDS", 3600)  # no routine heartbeat midway
+    echo = Echo.objects.create()
+    made = [echo.bump() for _ in range(8)]
+    sent = _count_round_trips(monkeypatch)
+    at_start: list[int] = []
+    run_call_job = LeanSimpleWorker.run_call_job
+
+    def counted(self: LeanSimpleWorker, job: Job, queue: Queue) -> None:
+        at_start.append(len(sent))
+        run_call_job(self, job, queue)
+
+    monkeypatch.setattr(LeanSimpleWorker, "run_call_job", counted)
+    worker = _worker(redis_connection)
+    worker.work(burst=True)
+    assert [later - earlier for earlier, later in itertools.pairwise(at_start)] == [1] * 7
+    assert {_state(call) for call in made} == {CallState.SUCCEEDED}
+    assert int(redis_connection.hget(worker.key, "successful_job_count") or 0) == 8
+    assert _leftovers(redis_connection) == []  # the last call's bookkeeping went at teardown
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+@pytest.mark.live_redis
+def test_a_job_id_whose_hash_is_gone_is_passed_over(redis_connection: redis.Redis) -> None:
+    call = Echo.objects.create().bump()
+    queue = django_rq.get_queue("default", commit_mode="auto")
+    redis_connection.lpush(queue.key, "asyncmodels-default-999999-1")  # ahead of the call, no hash
+    _worker(redis_connection).work(burst=True)
+    assert _state(call) == CallState.SUCCEEDED
+    assert redis_connection.llen(queue.key) == 0
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+@pytest.mark.live_redis
+def test_a_worker_on_several_queues_takes_jobs_as_rq_does_and_still_records_them(
+    redis_connection: redis.Redis,
+) -> None:
+    echo, instance = Echo.objects.create(), _instance()
+    calls = [echo.bump(), instance.provision(size="large"), echo.bump()]  # default, provisioning
+    queues = [django_rq.get_queue(name, commit_mode="auto") for name in ("provisioning", "default")]
+    worker = LeanSimpleWorker(queues, connection=redis_connection)
+    worker.work(burst=True)
+    assert [_state(call) for call in calls] == [CallState.SUCCEEDED] * 3
+    assert int(redis_connection.hget(worker.key, "successful_job_count") or 0) == 3
+    assert _leftovers(redis_connection) == []
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+@pytest.mark.live_redis
+def test_a_redis_that_refuses_scripts_falls_back_to_rqs_pop_once(
+    redis_connection: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = Echo.objects.create()
+    calls = [echo.bump() for _ in range(3)]
+    monkeypatch.setattr(LeanSimpleWorker, "TAKE_NEXT_JOB", "return redis.error_reply('scripting is off')")
+    worker = _worker(redis_connection)
+    worker.work(burst=True)
+    assert [_state(call) for call in calls] == [CallState.SUCCEEDED] * 3
+    assert worker._scripting is False
+    assert int(redis_connection.hget(worker.key, "successful_job_count") or 0) == 3
+    warnings = [record for record in caplog.records if "refused the one-round-trip take" in record.message]
+    assert len(warnings) == 1 and "scripting is off" in warnings[0].message
