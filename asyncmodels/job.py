@@ -20,20 +20,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import (
     DatabaseError,
+    DataError,
     IntegrityError,
     InterfaceError,
+    NotSupportedError,
     OperationalError,
+    ProgrammingError,
     close_old_connections,
     connections,
     transaction,
 )
-from django.db.models import Case, DurationField, F, QuerySet, TextField, Value, When
+from django.db.models import Case, DurationField, F, Model, QuerySet, TextField, Value, When
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, Now
 
 from . import conf, exclusive, registry, serialization
@@ -43,6 +47,7 @@ from .models import (
     CLAIMABLE_STATES,
     CallState,
     CompiledGet,
+    CompiledSelect,
     CompiledUpdate,
     MethodCall,
     Slot,
@@ -50,6 +55,7 @@ from .models import (
     has_dependents_sql,
     honour_cancel_request,
     returned_calls,
+    run_with_slots,
     update_returning_sql,
     updates_return_rows,
 )
@@ -163,11 +169,147 @@ def _claim_update(call_id: int, database: str) -> int | MethodCall:
     worker = current_worker_name()[:255]
     if not updates_return_rows(database):
         return _claimable(database, call_id).update(**_claim_changes(worker, lease))
+    model = _LAST_MODEL.get(database)
+    if model is not None and not connections[database].in_atomic_block:
+        claimed = _CLAIM_WITH_OBJECT.run(database, model, pk=call_id, worker=worker, lease=lease)
+        if claimed is not None:
+            return claimed
     rows = _CLAIM.run(database, pk=call_id, worker=worker, lease=lease)
     try:
         return returned_calls(database, rows)[0] if rows else 0
     except Exception:
         return len(rows)  # a value that would not load (a forged row): the caller's read fails it
+
+
+#: Per database, the model of the object the last call there ran on: the next claim there reads
+#: an object of that model in the same statement (``_ClaimWithObject``).
+_LAST_MODEL: dict[str, type[Model]] = {}
+
+#: Set on a call by ``_ClaimWithObject``: its object, read in the claim's own statement.
+PRELOADED_OBJECT = "_asyncmodels_object"
+
+
+class _ClaimWithObject:
+    """The claim and the object's reload in one statement, on PostgreSQL, for one model at a time.
+
+    A queue mostly runs many calls of one method in a row, so the job guesses that the call it
+    claims is on an object of the same model as the last one (``_LAST_MODEL``), and reads that
+    object with the claim (``WITH claimed AS (UPDATE … RETURNING …) SELECT … LEFT JOIN
+    LATERAL (<the ORM's pk lookup>)``): a database round trip less per call. The object is read
+    only if the row's content type is that model's, and its stored id is cast only where it has
+    the pk's form (digits, a UUID), so no stored value can make the claim itself fail. A wrong
+    guess, a missing object, a pk of another type or a base manager that loads more than the
+    model's own columns reads the object as before (``CompiledGet``); so does a statement the
+    database refuses, from then on for that model.
+    """
+
+    #: Pk field types whose stored id is cast, with the pattern a castable id matches; text
+    #: pks are compared as they are stored.
+    CASTS: ClassVar[dict[str, tuple[str, str]]] = {
+        **dict.fromkeys(
+            (
+                "AutoField",
+                "BigAutoField",
+                "SmallAutoField",
+                "IntegerField",
+                "BigIntegerField",
+                "SmallIntegerField",
+                "PositiveIntegerField",
+                "PositiveBigIntegerField",
+                "PositiveSmallIntegerField",
+            ),
+            ("bigint", "^-?[0-9]{1,18}$"),
+        ),
+        "UUIDField": (
+            "uuid",
+            "^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$",
+        ),
+    }
+    TEXT_PKS: ClassVar[frozenset[str]] = frozenset({"CharField", "TextField", "SlugField"})
+
+    def __init__(self) -> None:
+        self._compiled: dict[
+            tuple[str, type[Model]], tuple[str, tuple[Any, ...], CompiledSelect, int] | None
+        ] = {}
+
+    def _compile(
+        self, database: str, model: type[Model]
+    ) -> tuple[str, tuple[Any, ...], CompiledSelect, int] | None:
+        connection = connections[database]
+        if connection.vendor != "postgresql":
+            return None
+        quote = connection.ops.quote_name
+        stored_id = f"{quote('claimed')}.{quote(str(MethodCall._meta.get_field('object_id').column))}"
+        kind = model._meta.pk.get_internal_type()
+        if kind in self.TEXT_PKS:
+            pk = RawSQL(stored_id, (), output_field=model._meta.pk)  # noqa: S611  # quoted names only
+        elif kind in self.CASTS:
+            cast_to, pattern = self.CASTS[kind]
+            pk = RawSQL(  # noqa: S611  # quoted names and a type name; the pattern is a parameter
+                f"CASE WHEN {stored_id} ~ %s THEN CAST({stored_id} AS {cast_to}) END",
+                (pattern,),
+                output_field=model._meta.pk,
+            )
+        else:
+            return None
+        select = CompiledSelect.of(model, database, pk=pk)
+        if select is None:
+            return None
+        claim, claim_params = _CLAIM.compiled(database)
+        content_type = f"{quote('claimed')}.{quote(str(MethodCall._meta.get_field('content_type').column))}"
+        # Quoted names and SQL compiled by the ORM; every value is a parameter.
+        sql = (
+            f"WITH {quote('claimed')} AS ({claim}) "  # noqa: S608
+            f"SELECT {quote('claimed')}.*, {quote('loaded')}.* FROM {quote('claimed')} "
+            f"LEFT JOIN LATERAL ({select.sql}) {quote('loaded')} ON {content_type} = %s"
+        )
+        params = (
+            *claim_params,
+            *select.params,
+            Slot("content_type", MethodCall._meta.get_field("content_type_id")),
+        )
+        return sql, params, select, select.names.index(model._meta.pk.attname)
+
+    def run(self, database: str, model: type[Model], **values: Any) -> int | MethodCall | None:
+        """Claim the call as ``_claim_update`` does, reading its object if it is a ``model``
+        (then set on the call as ``PRELOADED_OBJECT``); ``None`` if this cannot be done for
+        ``model`` here (the caller claims as before). Raises what the claim raises."""
+        key = (database, model)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(database, model)
+        compiled = self._compiled[key]
+        if compiled is None:
+            return None
+        sql, params, select, pk_index = compiled
+        content_type = ContentType.objects.db_manager(database).get_for_model(model).pk
+        try:
+            rows = run_with_slots(database, sql, params, {**values, "content_type": content_type})
+        except (ProgrammingError, DataError, NotSupportedError):
+            logger.warning(
+                "The claim that also reads a %s could not run on %r; claiming as before.",
+                model._meta.label,
+                database,
+                exc_info=True,
+            )
+            self._compiled[key] = None
+            return None
+        if not rows:
+            return 0
+        width = len(MethodCall._meta.concrete_fields)
+        try:
+            [call] = returned_calls(database, [row[:width] for row in rows])
+        except Exception:
+            return len(rows)  # a value that would not load (a forged row): the caller's read fails it
+        loaded = rows[0][width:]
+        if loaded[pk_index] is not None:
+            try:
+                setattr(call, PRELOADED_OBJECT, select.load(database, model, loaded))
+            except Exception:  # a value that would not load: the usual reload reports it
+                logger.debug("The object read with call %s would not load.", call.pk, exc_info=True)
+        return call
+
+
+_CLAIM_WITH_OBJECT = _ClaimWithObject()
 
 
 def _reconnecting(database: str, operation: Callable[[], T]) -> T:
@@ -500,8 +642,13 @@ def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
             f"The row points at content type {call.content_type_id}, but {call.method} is a method of "
             f"{label} (content type {expected.pk}); nothing was run.",
         )
+    preloaded = getattr(call, PRELOADED_OBJECT, None)
     try:
-        instance = _OBJECTS.get(entry.model, database, call.object_id)
+        instance = (
+            preloaded
+            if type(preloaded) is entry.model
+            else _OBJECTS.get(entry.model, database, call.object_id)
+        )
     except ObjectDoesNotExist:
         raise _CannotRun(
             "asyncmodels.ObjectDoesNotExist",
@@ -512,6 +659,7 @@ def _prepare(call: MethodCall) -> tuple[Any, Any, list[Any], dict[str, Any]]:
             "asyncmodels.InvalidObjectId",
             f"Stored object id {call.object_id!r} is not a valid {label} pk: {exc}",
         ) from exc
+    _LAST_MODEL[database] = entry.model
     if str(instance.pk) != call.object_id:
         raise _CannotRun(
             "asyncmodels.InvalidObjectId",

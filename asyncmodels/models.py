@@ -757,19 +757,31 @@ class CompiledUpdate:
     def run(self, database: str, **values: Any) -> list[Any]:
         """Run the statement on ``database`` with ``values`` (one per ``Slot`` name); return the
         raw rows. Raises ``KeyError`` for a missing value, and what the database raises."""
-        from django.db import connections
-
-        connection = connections[database]
         sql, params = self._compile(database)
-        filled = [
-            param.output_field.get_db_prep_save(values[param.name], connection)
-            if isinstance(param, Slot)
-            else param
-            for param in params
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, filled)
-            return list(cursor.fetchall())
+        return run_with_slots(database, sql, params, values)
+
+    def compiled(self, database: str) -> tuple[str, tuple[Any, ...]]:
+        """The statement's SQL on ``database`` and its parameters (``Slot`` where a run fills
+        one in), to build a larger statement around it (``run_with_slots`` runs that)."""
+        return self._compile(database)
+
+
+def run_with_slots(database: str, sql: str, params: Any, values: dict[str, Any]) -> list[Any]:
+    """Run ``sql`` on ``database`` with ``params``, each ``Slot`` among them filled from ``values``
+    by its name (prepared as its field saves it); return the raw rows. Raises ``KeyError`` for a
+    missing value, and what the database raises."""
+    from django.db import connections
+
+    connection = connections[database]
+    filled = [
+        param.output_field.get_db_prep_save(values[param.name], connection)
+        if isinstance(param, Slot)
+        else param
+        for param in params
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, filled)
+        return list(cursor.fetchall())
 
 
 class CompiledGet:
@@ -784,7 +796,7 @@ class CompiledGet:
     """
 
     def __init__(self) -> None:
-        self._compiled: dict[tuple[type[models.Model], str], _CompiledSelect | None] = {}
+        self._compiled: dict[tuple[type[models.Model], str], CompiledSelect | None] = {}
 
     def get(self, model: type[M], database: str, pk: Any) -> M:
         """The ``model`` instance on ``database`` whose pk is ``pk`` (any value the pk field's
@@ -798,7 +810,7 @@ class CompiledGet:
 
         key = (model, database)
         if key not in self._compiled:
-            self._compiled[key] = _CompiledSelect.of(model, database)
+            self._compiled[key] = CompiledSelect.of(model, database)
         compiled = self._compiled[key]
         if compiled is None:
             return model._base_manager.db_manager(database).get(pk=pk)
@@ -810,12 +822,10 @@ class CompiledGet:
             rows = cursor.fetchall()
         if not rows:
             raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
-        if compiled.converters:
-            rows = list(compiled.compiler.apply_converters(rows, compiled.converters))
-        return model.from_db(database, compiled.names, rows[0])
+        return compiled.load(database, model, rows[0])
 
 
-class _CompiledSelect:
+class CompiledSelect:
     """The compiled pk lookup of ``CompiledGet``: SQL, parameters (a ``Slot`` for the pk), and
     how to load a row (attribute names in select order, the converters, the compiler)."""
 
@@ -825,13 +835,23 @@ class _CompiledSelect:
         self.sql, self.params, self.names = sql, params, names
         self.converters, self.compiler = converters, compiler
 
+    def load(self, database: str, model: type[M], row: Any) -> M:
+        """The ``model`` instance from ``row`` (this statement's columns, in order)."""
+        if self.converters:
+            [row] = self.compiler.apply_converters([row], self.converters)
+        return model.from_db(database, self.names, row)
+
     @classmethod
-    def of(cls, model: type[models.Model], database: str) -> _CompiledSelect | None:
-        """Compile ``model``'s pk lookup on ``database``, or ``None`` if its base manager's
-        queryset loads more than the model's own columns (then ``get()`` is used)."""
+    def of(
+        cls, model: type[models.Model], database: str, pk: models.Expression | None = None
+    ) -> CompiledSelect | None:
+        """Compile ``model``'s lookup on ``database`` of the pk ``pk`` (an expression; by default
+        a ``Slot`` named "pk"), or ``None`` if its base manager's queryset loads more than the
+        model's own columns (then ``get()`` is used)."""
         pk_field = model._meta.pk
         try:
-            query = model._base_manager.db_manager(database).filter(pk=Slot("pk", pk_field)).query
+            lookup = Slot("pk", pk_field) if pk is None else pk
+            query = model._base_manager.db_manager(database).filter(pk=lookup).query
         except Exception:  # a pk lookup the ORM builds another way (an unusual pk): use get()
             return None
         if (
@@ -855,7 +875,7 @@ class _CompiledSelect:
             or klass_info["model"] is not model
             or klass_info.get("related_klass_infos")
             or compiler.annotation_col_map
-            or sum(isinstance(param, Slot) for param in params) != 1
+            or sum(isinstance(param, Slot) for param in params) != (1 if pk is None else 0)
         ):
             return None
         select_fields = klass_info["select_fields"]

@@ -205,7 +205,14 @@ def test_call_path_query_count(instance: Instance) -> None:
     assert _statements(queries) == ["INSERT", "UPDATE"]  # on commit: push, then pending -> enqueued
 
 
-def test_job_query_count(instance: Instance, django_assert_num_queries: DjangoAssertNumQueries) -> None:
+def test_job_query_count(
+    instance: Instance, django_assert_num_queries: DjangoAssertNumQueries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncmodels.job
+
+    # A process's first call (the next one on PostgreSQL reads its object with the claim:
+    # tests/test_claim_with_object.py).
+    monkeypatch.setattr(asyncmodels.job, "_LAST_MODEL", {})
     call = instance.describe()
     # claim and read the call (one UPDATE … RETURNING), reload the object, record the outcome
     # (UPDATE … RETURNING whether any call waits for this one: none here, so no more queries).
