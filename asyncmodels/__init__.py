@@ -11,4 +11,4 @@ from .decorator import async_method
 from .dependencies import result_of
 
 __all__ = ["async_method", "current_call", "result_of"]
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
