@@ -53,6 +53,14 @@ django-tasks-suite: $(BIN)/.installed
 	tar -xzf "$$tmp"/*.tar.gz -C "$$tmp" --wildcards '*/tests/*'; \
 	cd "$$tmp"/*/tests && "$(abspath $(BIN))/python" runtests.py tasks
 
+# The test project against the built wheel, installed in a fresh virtualenv, not against this
+# source tree: the sdist and wheel are built (python -m build), the wheel's files are compared with
+# `git ls-files asyncmodels`, and check, makemigrations --check, migrate, collectstatic and the demo
+# run in a temporary copy of testproject/ (see .ci/wheel-check). Everything is temporary.
+.PHONY: wheel-check
+wheel-check: $(BIN)/.installed
+	bash .ci/wheel-check "$(BIN)/python" "$(DJANGO_SPEC)"
+
 # The same suite on PostgreSQL and Redis on loopback, with real rqworker processes.
 test-services: $(BIN)/.installed
 	ASYNCMODELS_DB=postgres ASYNCMODELS_PG_NAME=$(PG_NAME) \
