@@ -409,6 +409,23 @@ class MethodCallChangeList(ChangeList):
         return queryset
 
 
+def _progress_bar(call: MethodCall) -> SafeString | str:
+    """A running call's last reported progress, for the list: a small bar and its percentage,
+    the message as its tooltip; nothing if the call reported no fraction."""
+    fraction = call.progress
+    if fraction is None or not math.isfinite(fraction):
+        return ""
+    percent = f"{min(max(fraction, 0.0), 1.0) * 100:.0f}"
+    return format_html(
+        '<span class="asyncmodels-list-progress" title="{}">'
+        '<progress class="asyncmodels-progress" max="100" value="{}">{}%</progress> {}%</span>',
+        displayable(call.progress_message),
+        percent,
+        percent,
+        percent,
+    )
+
+
 class BoundedCountPaginator(Paginator):  # type: ignore[type-arg]
     """A paginator that counts at most ``limit`` rows, so no page view runs a full ``COUNT(*)``.
 
@@ -1108,11 +1125,12 @@ class MethodCallAdmin(CallActionsMixin, MethodCallAdminBase):
 
     @admin.display(description="state", ordering="state")
     def state_display(self, call: MethodCall) -> SafeString:
-        if call.state == CallState.RUNNING and call.cancel_requested_at is not None:
-            return format_html(
-                '{} <span class="asyncmodels-stopping">asked to stop</span>', state_badge(call.state)
-            )
-        return state_badge(call.state)
+        badge = state_badge(call.state)
+        if call.state != CallState.RUNNING:
+            return badge
+        if call.cancel_requested_at is not None:
+            badge = format_html('{} <span class="asyncmodels-stopping">asked to stop</span>', badge)
+        return format_html("{}{}", badge, _progress_bar(call))
 
     @admin.display(description="object")
     def target(self, call: MethodCall) -> SafeString | str:

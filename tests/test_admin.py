@@ -994,3 +994,26 @@ def test_on_a_custom_admin_site_the_links_stay_on_that_site(
     bare = staff_client.get(f"/bare/cloud/echo/{echo.pk}/change/").content.decode()
     assert "asyncmodels-calls-table" in bare  # the calls are shown...
     assert "/asyncmodels/methodcall/" not in bare  # ...without links to a site that has no call pages
+
+
+def test_list_shows_a_running_calls_progress_bar_with_its_message(
+    staff_client: Client, instance: Instance
+) -> None:
+    reporting, silent, done = instance.describe(), instance.describe(), instance.describe()
+    MethodCall.objects.filter(pk=reporting.pk).update(
+        state=CallState.RUNNING, progress=0.4, progress_message="slice <2> of 5", progress_at=timezone.now()
+    )
+    MethodCall.objects.filter(pk=silent.pk).update(state=CallState.RUNNING)
+    MethodCall.objects.filter(pk=done.pk).update(state=CallState.SUCCEEDED, progress=1.0)
+    page = staff_client.get(LIST_URL).content.decode()
+    rows = {
+        int(match): row
+        for row in page.split("<tr")[1:]
+        for match in re.findall(r'<th class="field-id"><a href="/admin/asyncmodels/methodcall/(\d+)/', row)
+    }
+    assert set(rows) == {reporting.pk, silent.pk, done.pk}
+    bar = '<progress class="asyncmodels-progress" max="100" value="40">40%</progress> 40%'
+    assert bar in rows[reporting.pk]
+    assert 'title="slice &lt;2&gt; of 5"' in rows[reporting.pk]  # the message, escaped, as its tooltip
+    assert "<progress" not in rows[silent.pk]  # running, no fraction reported: no bar
+    assert "<progress" not in rows[done.pk]  # finished: the state says it all
