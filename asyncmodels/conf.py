@@ -28,6 +28,9 @@ DEFAULTS: Final[dict[str, Any]] = {
     "RECOVERY_BATCH_SIZE": 500,
     # A running method's progress reports are stored at most this often per call (seconds).
     "PROGRESS_INTERVAL_SECONDS": 1,
+    # Finished calls kept per state, in seconds ({"succeeded": 7 * 86400, "failed": 30 * 86400});
+    # every recovery pass then deletes one batch of older ones. None (or a state left out): kept.
+    "RETENTION_SECONDS": None,
 }
 
 _POSITIVE_NUMBERS: Final = (
@@ -61,6 +64,7 @@ def find_problems() -> list[str]:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             problems.append(f"ASYNCMODELS[{key!r}] must be a positive number, not {value!r}.")
+    problems += _retention_problems(config["RETENTION_SECONDS"])
     batch = config["RECOVERY_BATCH_SIZE"]
     if not problems and (isinstance(batch, float) and not batch.is_integer()):
         problems.append(f"ASYNCMODELS['RECOVERY_BATCH_SIZE'] must be a whole number, not {batch!r}.")
@@ -69,6 +73,29 @@ def find_problems() -> list[str]:
             "ASYNCMODELS['LEASE_RENEW_SECONDS'] must be at most half of ASYNCMODELS['LEASE_SECONDS'], "
             "or one late renewal lets a busy worker's lease expire."
         )
+    return problems
+
+
+def _retention_problems(retention: Any) -> list[str]:
+    if retention is None:
+        return []
+    finished = ("succeeded", "failed", "cancelled")
+    if not isinstance(retention, dict):
+        return [
+            f"ASYNCMODELS['RETENTION_SECONDS'] must be None or a dict of state to seconds, not {retention!r}."
+        ]
+    problems = []
+    for state, seconds in retention.items():
+        if state not in finished:
+            problems.append(
+                f"ASYNCMODELS['RETENTION_SECONDS'] has key {state!r}; only finished states are pruned: "
+                f"{', '.join(finished)}."
+            )
+        elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 1e10:
+            problems.append(
+                f"ASYNCMODELS['RETENTION_SECONDS'][{state!r}] must be a positive number of seconds, "
+                f"not {seconds!r}."
+            )
     return problems
 
 
@@ -91,6 +118,13 @@ def get_backend_name() -> str:
 def get_duration(key: str) -> datetime.timedelta:
     """Return the duration setting ``key`` (configured in seconds) as a ``timedelta``."""
     return datetime.timedelta(seconds=float(get_config()[key]))
+
+
+def get_retention() -> dict[str, datetime.timedelta]:
+    """Return ``RETENTION_SECONDS`` as finished state -> ``timedelta`` (empty when ``None``, the
+    default: nothing is pruned by recovery). Raises ``ConfigurationError`` for a bad setting."""
+    retention = get_config()["RETENTION_SECONDS"] or {}
+    return {state: datetime.timedelta(seconds=float(seconds)) for state, seconds in retention.items()}
 
 
 def get_rq_queue_names() -> set[str]:

@@ -308,6 +308,13 @@ class MethodCall(models.Model):
                 condition=models.Q(state="running"),
                 name="asyncmodels_call_lease",
             ),
+            # Retention (asyncmodels.retention): a state's calls that finished before a cutoff are one
+            # range. Partial: a call enters it when it finishes (one index write), not before.
+            models.Index(
+                fields=["state", "finished_at"],
+                condition=models.Q(finished_at__isnull=False),
+                name="asyncmodels_call_finished",
+            ),
             # Waiting calls: recovery's sweep, and the next turn on a busy exclusive key.
             models.Index(
                 fields=["exclusive_key", "id"],

@@ -10,7 +10,9 @@ One pass (``recover_stranded_calls()``), on every database that holds ``MethodCa
 4. ``running`` calls whose lease expired lost their worker: they are retried (a new attempt,
    after the backoff) if their policy allows another attempt, else ``failed`` with a reason;
 5. ``waiting`` calls that can move are settled: cancelled if a call they wait for failed or was
-   cancelled, released (pushed) once all succeeded and their exclusive key is free.
+   cancelled, released (pushed) once all succeeded and their exclusive key is free;
+6. with ``RETENTION_SECONDS`` set (off by default), one batch of finished calls older than their
+   retention period is deleted (``asyncmodels.retention.prune_batch``).
 
 Every transition is a compare-and-set and every push of one attempt uses one RQ job id, so any
 number of processes may run passes at the same time. Each step reads at most
@@ -84,6 +86,7 @@ class RecoveryReport:
     released_waiting: int = 0  # waiting calls whose dependencies succeeded / whose turn came
     cancelled_waiting: int = 0  # waiting calls whose dependency failed or was cancelled
     errors: int = 0
+    pruned: int = 0  # finished calls deleted by retention (RETENTION_SECONDS); not in ``total``
 
     def __add__(self, other: RecoveryReport) -> RecoveryReport:
         return RecoveryReport(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -108,7 +111,7 @@ class RecoveryReport:
             f"enqueued re-pushed {self.repushed_enqueued}, lost retried {self.retried_lost}, "
             f"lost failed {self.failed_lost}, lost cancelled {self.cancelled_lost}, "
             f"waiting released {self.released_waiting}, waiting cancelled {self.cancelled_waiting}, "
-            f"errors {self.errors}"
+            f"errors {self.errors}" + (f", pruned {self.pruned}" if self.pruned else "")
         )
 
 
@@ -125,7 +128,14 @@ def recover_stranded_calls(databases: Iterable[str] | None = None) -> RecoveryRe
     """
     report = RecoveryReport()
     for database in databases if databases is not None else recovery_databases():
-        for step in (_push_due, _push_pending, _repush_lost_jobs, _end_lost_attempts, _settle_waiting):
+        for step in (
+            _push_due,
+            _push_pending,
+            _repush_lost_jobs,
+            _end_lost_attempts,
+            _settle_waiting,
+            _prune_finished,
+        ):
             try:
                 report += step(database)
             except StopRequested:
@@ -133,9 +143,17 @@ def recover_stranded_calls(databases: Iterable[str] | None = None) -> RecoveryRe
             except Exception:  # a database or Redis failure, or a bug: the next step still runs
                 logger.exception("Recovery step %s failed on database %r.", step.__name__, database)
                 report.errors += 1
-    if report.total or report.errors:
+    if report.total or report.errors or report.pruned:
         logger.info("Recovery pass: %s.", report)
     return report
+
+
+def _prune_finished(database: str) -> RecoveryReport:
+    """Delete one batch of finished calls past their retention (``RETENTION_SECONDS``; off by
+    default, when this is one settings read and no query)."""
+    from .retention import prune_batch
+
+    return RecoveryReport(pruned=prune_batch(database))
 
 
 @contextmanager
