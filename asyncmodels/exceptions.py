@@ -70,3 +70,7 @@ class InvalidDependencyError(CallError, ValueError):
 
 class DuplicateCallError(AsyncModelsError):
     """``MethodCall.retry()`` of a ``unique`` call while another unfinished call holds its key."""
+
+
+class SelectionTooLargeError(AsyncModelsError, ValueError):
+    """A bulk action (``asyncmodels.bulk_retry``) selected more calls than its limit; it acted on none."""
