@@ -41,11 +41,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--batch-size",
             type=positive_int,
+            metavar="N",
             default=DEFAULT_BATCH_SIZE,
             help=f"Calls deleted per transaction (default {DEFAULT_BATCH_SIZE}).",
         )
         parser.add_argument(
-            "--database", type=database_alias, default="default", help="Database alias (default: default)."
+            "--database",
+            type=database_alias,
+            default="default",
+            metavar="ALIAS",
+            help="Database alias (default: default).",
         )
 
     def handle(self, *args: Any, dry_run: bool, batch_size: int, database: str, **options: Any) -> None:

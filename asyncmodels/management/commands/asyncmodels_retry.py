@@ -26,10 +26,10 @@ LISTED = 50
 
 class Command(BaseCommand):
     help = (
-        "Retry failed calls selected by method, model, object, tag, error text or time (each option "
-        "repeatable where it makes sense; all given criteria must hold). Cancelled calls only with "
-        "--state cancelled. --dry-run lists what would be retried. Times: 2026-12-01T08:00, or 30m, "
-        "7d ago."
+        "Retry failed calls selected by method, model, object, tag, error text or time (all given "
+        "criteria must hold; a repeated option matches any of its values, but --tag all of them). "
+        "Cancelled calls only with --state cancelled. --dry-run lists what would be retried. "
+        "Times: 2026-12-01T08:00, or 30m, 7d ago."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -41,27 +41,52 @@ class Command(BaseCommand):
             help="Retry calls in this state (repeatable; default: failed only).",
         )
         parser.add_argument(
-            "--method", action="append", dest="methods", default=[], help="Registry name, app.Model.method."
+            "--method",
+            action="append",
+            dest="methods",
+            default=[],
+            metavar="NAME",
+            help="Calls of this method, by registry name: app_label.Model.method (repeatable).",
         )
         parser.add_argument(
-            "--model", action="append", dest="models", default=[], help="Calls on objects of app_label.Model."
+            "--model",
+            action="append",
+            dest="models",
+            default=[],
+            metavar="LABEL",
+            help="Calls on objects of this model, app_label.Model (repeatable).",
         )
         parser.add_argument(
             "--object",
             action="append",
             dest="objects",
             default=[],
-            help="Calls on (or tagged with) the object app_label.Model:pk, e.g. cloud.Account:121.",
+            metavar="OBJECT",
+            help="Calls on (or tagged with) the object app_label.Model:pk, e.g. cloud.Account:121 "
+            "(repeatable).",
         )
         parser.add_argument(
-            "--tag", action="append", dest="tags", default=[], help="Calls carrying this tag."
+            "--tag",
+            action="append",
+            dest="tags",
+            default=[],
+            metavar="TAG",
+            help="Calls carrying this tag, e.g. region:eu (repeatable: all of them).",
         )
-        parser.add_argument("--error", default="", help="Text in the error message or type (any case).")
         parser.add_argument(
-            "--since", type=moment, help="Calls that finished at or after this time (or this long ago)."
+            "--error", default="", metavar="TEXT", help="Text in the error message or type (any case)."
         )
         parser.add_argument(
-            "--until", type=moment, help="Calls that finished before this time (or this long ago)."
+            "--since",
+            type=moment,
+            metavar="WHEN",
+            help="Calls that finished at or after this time (or this long ago).",
+        )
+        parser.add_argument(
+            "--until",
+            type=moment,
+            metavar="WHEN",
+            help="Calls that finished before this time (or this long ago).",
         )
         parser.add_argument(
             "--all", action="store_true", help="Allow retrying every failed call (no other criterion)."
@@ -69,15 +94,20 @@ class Command(BaseCommand):
         parser.add_argument(
             "--limit",
             type=positive_int,
+            metavar="N",
             default=DEFAULT_LIMIT,
             help=f"Refuse, changing nothing, if more calls match (default {DEFAULT_LIMIT}).",
         )
-        parser.add_argument("--reason", default="", help="Kept in each call's state_reason.")
+        parser.add_argument("--reason", default="", metavar="TEXT", help="Kept in each call's state_reason.")
         parser.add_argument(
             "--dry-run", action="store_true", help="List the calls it would retry; change nothing."
         )
         parser.add_argument(
-            "--database", type=database_alias, default="default", help="Database alias (default: default)."
+            "--database",
+            type=database_alias,
+            default="default",
+            metavar="ALIAS",
+            help="Database alias (default: default).",
         )
 
     def handle(

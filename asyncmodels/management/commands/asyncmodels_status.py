@@ -28,34 +28,43 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="Print the report as JSON (README: shape).")
         parser.add_argument(
-            "--database", type=database_alias, default="default", help="Database alias (default: default)."
+            "--database",
+            type=database_alias,
+            default="default",
+            metavar="ALIAS",
+            help="Database alias (default: default).",
         )
         parser.add_argument(
             "--since",
+            metavar="AGE",
             type=positive_duration,
             default=DEFAULT_WINDOW,
             help="Count finished calls created this long ago or since, and their failure rate (default 1h).",
         )
         parser.add_argument(
             "--pending-after",
+            metavar="AGE",
             type=duration,
             default=DEFAULTS.pending,
             help="A pending call (not pushed) older than this is stuck (default 5m).",
         )
         parser.add_argument(
             "--enqueued-after",
+            metavar="AGE",
             type=duration,
             default=DEFAULTS.enqueued,
             help="An enqueued call not claimed by a worker for this long is stuck (default 30m).",
         )
         parser.add_argument(
             "--lease-grace",
+            metavar="AGE",
             type=duration,
             default=DEFAULTS.lease_grace,
             help="A running call whose lease expired longer ago than this is stuck (default 1m; 0: any).",
         )
         parser.add_argument(
             "--overdue-after",
+            metavar="AGE",
             type=duration,
             default=DEFAULTS.overdue,
             help="A scheduled call due longer ago than this is stuck (default 5m).",
@@ -63,6 +72,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--max-failure-rate",
             type=fraction,
+            metavar="FRACTION",
             default=None,
             help="Also exit with status 1 when more than this fraction (0 to 1) of the calls finished "
             "in the window failed (default: never).",
