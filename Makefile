@@ -86,6 +86,15 @@ SCALE_ARGS ?=
 bench-scale: $(BIN)/.installed
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
+# The statements of asyncmodels_status, asyncmodels_retry's selection and asyncmodels_prune on a
+# million seeded calls, timed and EXPLAINed (its own database, asyncmodels_bench_operate or
+# $$ASYNCMODELS_BENCH_DB, dropped at the end); fails if one scans the calls table.
+OPERATE_ARGS ?=
+
+.PHONY: bench-operate
+bench-operate: $(BIN)/.installed
+	$(BIN)/python bench/operate.py $(OPERATE_ARGS)
+
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) var .mypy_cache .ruff_cache .pytest_cache
 
