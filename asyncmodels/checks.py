@@ -7,11 +7,14 @@ imported, so Django itself reports that before any check runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import import_module
+from importlib.util import find_spec
 from typing import Any
 
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
 
 from . import conf, registry
 
@@ -85,3 +88,42 @@ def check_worker_class(
     if isinstance(resolved, type) and issubclass(resolved, RecoveryMixin):
         return []
     return [W001]
+
+
+def register_tasks_framework_check() -> str | None:
+    """Make ``manage.py check`` run the tasks framework's own check (each ``TASKS`` backend's
+    ``check()``: asyncmodels.E004, E005, E007) when ``TASKS`` uses asyncmodels' backend.
+
+    Called from ``AsyncModelsConfig.ready()``. Django 6 registers that check only once
+    ``django.tasks`` is imported, and the django-tasks backport only when its app is in
+    ``INSTALLED_APPS``: without this, nothing imports either before the checks run. Importing the
+    framework's own module registers its check once, however often it is imported, so nothing is
+    reported twice when Django or the backport registered it too. Returns the module imported
+    (``"django.tasks"`` or ``"django_tasks.checks"``), or ``None`` when no ``TASKS`` entry uses
+    asyncmodels' backend or no tasks framework is installed. Never raises.
+    """
+    entries = getattr(settings, "TASKS", None)
+    if not isinstance(entries, dict) or not any(
+        _uses_asyncmodels_backend(entry) for entry in entries.values()
+    ):
+        return None
+    module = "django.tasks" if find_spec("django.tasks") is not None else "django_tasks.checks"
+    try:
+        import_module(module)
+    except ImportError:  # no framework: asyncmodels' backend itself cannot be imported either
+        return None
+    return module
+
+
+def _uses_asyncmodels_backend(entry: object) -> bool:
+    """Whether a ``TASKS`` entry's ``BACKEND`` is asyncmodels' backend or a subclass of it."""
+    path = entry.get("BACKEND") if isinstance(entry, dict) else None
+    if not isinstance(path, str):
+        return False
+    try:
+        from .backends.tasks import AsyncModelsBackend
+
+        backend = import_string(path)
+    except ImportError:
+        return False
+    return isinstance(backend, type) and issubclass(backend, AsyncModelsBackend)

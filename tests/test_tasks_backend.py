@@ -163,6 +163,39 @@ def test_check_reports_invalid_options_with_ids(settings: Any) -> None:
     assert not MethodCall.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "with_backport_app",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                find_spec("django.tasks") is not None, reason="the backport's app is for Django 5.2"
+            ),
+        ),
+    ],
+)
+def test_manage_py_check_reports_the_backends_errors_once(with_backport_app: bool) -> None:
+    """Django 6 registers its tasks check only when django.tasks is imported, the backport only
+    from its app: asyncmodels' app makes sure it is registered, and once."""
+    completed = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env={
+            **_worker_env(),
+            "DJANGO_SETTINGS_MODULE": "tests.settings_tasks_check",
+            "ASYNCMODELS_TEST_DJANGO_TASKS_APP": "1" if with_backport_app else "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1, output
+    assert output.count("(asyncmodels.E005) TASKS['default'] lists queue 'nowhere'") == 1, output
+
+
 def test_check_is_clean_for_the_test_projects_backends() -> None:
     assert task_backends["default"].check() == []
     assert task_backends["retrying"].check() == []

@@ -17,7 +17,8 @@ claim, lease, retries and recovery as a decorated method's call. The worker impo
 path and runs it only if it is a ``Task`` (README, Guarantees: 4, for tasks).
 
 Django 6 ships the framework as ``django.tasks``; on Django 5.2 the ``django-tasks`` backport
-provides the same classes (``pip install "asyncmodels[tasks]"``). This module imports whichever
+provides the same classes (asyncmodels' ``tasks`` extra: ``pip install "/path/to/asyncmodels[tasks]"``
+from a checkout, see the README's Install). This module imports whichever
 exists and raises ``ImportError`` naming both when neither does.
 """
 
@@ -77,7 +78,8 @@ else:
         except ImportError as exc:
             raise ImportError(
                 "asyncmodels.backends.tasks needs Django's tasks framework: Django 6 (django.tasks), "
-                'or on Django 5.2 the django-tasks backport (pip install "asyncmodels[tasks]").'
+                "or on Django 5.2 the django-tasks backport (asyncmodels' extra 'tasks': "
+                'pip install "/path/to/asyncmodels[tasks]" from a checkout).'
             ) from exc
 
 logger = logging.getLogger("asyncmodels.tasks")
