@@ -10,5 +10,40 @@ from .context import current_call
 from .decorator import async_method
 from .dependencies import result_of
 
-__all__ = ["async_method", "current_call", "result_of"]
+# The reasons asyncmodels records as "asyncmodels.<Name>" (MethodCall.error_type, a task's
+# TaskError.exception_class_path) import from here as their classes.
+from .exceptions import (
+    ArgumentsUnavailable,
+    CallCancelledError,
+    ContentTypeMismatch,
+    InvalidObjectId,
+    MethodNotRegistered,
+    ObjectDoesNotExist,
+    RecordedError,
+    RowUnreadable,
+    TaskBackendUnknown,
+    TaskNotFound,
+    TasksUnavailable,
+    UnknownQueue,
+    WorkerLost,
+)
+
+__all__ = [
+    "ArgumentsUnavailable",
+    "CallCancelledError",
+    "ContentTypeMismatch",
+    "InvalidObjectId",
+    "MethodNotRegistered",
+    "ObjectDoesNotExist",
+    "RecordedError",
+    "RowUnreadable",
+    "TaskBackendUnknown",
+    "TaskNotFound",
+    "TasksUnavailable",
+    "UnknownQueue",
+    "WorkerLost",
+    "async_method",
+    "current_call",
+    "result_of",
+]
 __version__ = "0.1.0"

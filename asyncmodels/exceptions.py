@@ -2,10 +2,15 @@
 
 Errors a caller can make are raised at call time, before anything is written (README,
 Guarantees: 5). Wiring mistakes found at import time subclass Django's ``ImproperlyConfigured``.
+
+The ``RecordedError`` classes below are the reasons asyncmodels itself records on a call that
+ended without its code raising (``MethodCall.error_type`` ``"asyncmodels.<Name>"``, and a task's
+``TaskError.exception_class_path``): each such name imports as its class, from ``asyncmodels``.
 """
 
 from __future__ import annotations
 
+from django.core import exceptions as django_exceptions
 from django.core.exceptions import ImproperlyConfigured
 
 
@@ -74,3 +79,58 @@ class DuplicateCallError(AsyncModelsError):
 
 class SelectionTooLargeError(AsyncModelsError, ValueError):
     """A bulk action (``asyncmodels.bulk_retry``) selected more calls than its limit; it acted on none."""
+
+
+class RecordedError(AsyncModelsError):
+    """Base class of the reasons asyncmodels records on a call it ended without the call's code
+    raising (``error_type`` ``"asyncmodels.<Name>"``). asyncmodels writes them, it never raises
+    them: they exist so that a recorded name imports (``TaskError.exception_class``)."""
+
+
+class WorkerLost(RecordedError):
+    """The worker running an attempt was lost: its lease expired without being renewed (a killed
+    or frozen worker), so recovery retried the call or failed it."""
+
+
+class UnknownQueue(RecordedError):
+    """The call's queue is no longer a key of ``RQ_QUEUES``: recovery failed it instead of
+    pushing it for ever."""
+
+
+class RowUnreadable(RecordedError):
+    """The call's row could not be loaded (corrupt or forged values); nothing was run."""
+
+
+class MethodNotRegistered(RecordedError):
+    """No ``@async_method`` is registered under the row's method name; nothing was run."""
+
+
+class ContentTypeMismatch(RecordedError):
+    """The row's content type is not the model of its registered method; nothing was run."""
+
+
+class ObjectDoesNotExist(RecordedError, django_exceptions.ObjectDoesNotExist):
+    """The call's object was deleted before the call ran; nothing was run (never retried)."""
+
+
+class InvalidObjectId(RecordedError):
+    """The stored object id is not a valid, canonical primary key of the model; nothing was run."""
+
+
+class ArgumentsUnavailable(RecordedError):
+    """The stored arguments no longer decode (a referenced row is gone, a corrupt value);
+    nothing was run."""
+
+
+class TasksUnavailable(RecordedError):
+    """A task call reached a worker where no tasks framework (Django 6's ``django.tasks``, the
+    django-tasks backport) is installed; nothing was run."""
+
+
+class TaskBackendUnknown(RecordedError):
+    """A task call's ``TASKS`` alias is gone, or no longer asyncmodels' backend; nothing was run."""
+
+
+class TaskNotFound(RecordedError):
+    """A task call's dotted path no longer imports as a ``Task`` (only ``Task`` objects are ever
+    run from a row); nothing was run."""

@@ -25,8 +25,8 @@ from django.db.models.functions import Now
 from django.test import Client
 from django.utils import timezone
 
-from asyncmodels import job
-from asyncmodels.exceptions import ConfigurationError
+from asyncmodels import WorkerLost, job
+from asyncmodels.exceptions import CallCancelledError, ConfigurationError
 from asyncmodels.models import CallState, MethodCall
 from asyncmodels.recovery import recover_stranded_calls
 from testproject.cloud.models import Echo
@@ -390,6 +390,39 @@ def test_retries_come_from_the_backends_options_and_every_failed_attempt_is_list
     assert result == cloud_tasks.flaky.get_result(result.id)
 
 
+def test_a_task_cancelled_before_it_ran_is_failed_with_an_importable_cancel_error() -> None:
+    result = cloud_tasks.add.enqueue(1, 2)
+    assert _row(result).cancel(reason="no longer needed")
+    fresh = cloud_tasks.add.get_result(result.id)
+    assert fresh.status == TaskResultStatus.FAILED  # the framework has no cancelled status
+    [error] = fresh.errors
+    assert error.exception_class is CallCancelledError
+    assert "cancelled before it ran: no longer needed" in error.traceback
+
+
+def test_a_task_cancelled_while_waiting_for_its_retry_says_so_after_its_failed_attempt(
+    run_worker: RunWorker,
+) -> None:
+    result = cloud_tasks.flaky.enqueue(fail_before=3)
+    run_worker()
+    assert _row(result).state == CallState.SCHEDULED
+    assert _row(result).cancel()
+    fresh = cloud_tasks.flaky.get_result(result.id)
+    assert fresh.status == TaskResultStatus.FAILED
+    assert [error.exception_class for error in fresh.errors] == [cloud_tasks.TaskFailure, CallCancelledError]
+    assert "cancelled after attempt 1" in fresh.errors[-1].traceback
+
+
+def test_a_task_stopped_by_its_cancel_request_lists_the_cancel_once(run_worker: RunWorker) -> None:
+    result = cloud_tasks.cancel_itself.enqueue()
+    run_worker()
+    fresh = cloud_tasks.cancel_itself.get_result(result.id)
+    assert _row(result).state == CallState.CANCELLED
+    assert fresh.status == TaskResultStatus.FAILED
+    assert [error.exception_class for error in fresh.errors] == [CallCancelledError]
+    assert "raise_if_cancel_requested" in fresh.errors[0].traceback
+
+
 def test_a_deferred_task_waits_for_its_run_after(run_worker: RunWorker) -> None:
     assert AsyncModelsBackend.supports_defer is True
     when = timezone.now() + datetime.timedelta(hours=1)
@@ -482,6 +515,7 @@ def test_a_task_whose_worker_is_killed_is_recovered(spawn_worker: SpawnWorker) -
     spawn_worker()
     wait_for(lambda: status() == TaskResultStatus.FAILED, message="recovery to end the lost task")
     assert result.errors[-1].exception_class_path == "asyncmodels.WorkerLost"
+    assert result.errors[-1].exception_class is WorkerLost
     assert "was lost" in result.errors[-1].traceback
     assert result.finished_at is not None
 

@@ -376,6 +376,19 @@ def _error_type_of(entry: dict[str, Any]) -> str:
     return str(entry.get("error", "")).partition(": ")[0]
 
 
+#: The exception path of a cancelled task's last error (``TaskError.exception_class`` imports it).
+CANCELLED_ERROR = "asyncmodels.exceptions.CallCancelledError"
+
+
+def _cancelled_text(call: MethodCall) -> str:
+    """What a cancelled task's last error says: that it was cancelled, and the reason if any."""
+    when = "before it ran" if not call.attempts else f"after attempt {call.attempts}"
+    reason = call.state_reason.strip()
+    return f"{CANCELLED_ERROR.rsplit('.', 1)[1]}: the task was cancelled {when}" + (
+        f": {reason}" if reason else "."
+    )
+
+
 def task_result_for(call: MethodCall, task: Task[Any, Any]) -> TaskResult[Any, Any]:
     """The framework's ``TaskResult`` for a task call, every field from the row as read.
 
@@ -407,11 +420,16 @@ def task_result_for(call: MethodCall, task: Task[Any, Any]) -> TaskResult[Any, A
         for entry in log
         if entry.get("outcome") != "succeeded"
     ]
-    if not errors and call.state in (CallState.FAILED, CallState.CANCELLED):
-        # Ended without a failed attempt: cancelled before it ran, or refused before it was run.
+    if call.state == CallState.CANCELLED:
+        # The framework has no cancelled status: the task reads FAILED, and its last error says
+        # it was cancelled (an attempt stopped by its cancel request already says so).
+        if not errors or errors[-1].exception_class_path != CANCELLED_ERROR:
+            errors.append(TaskError(exception_class_path=CANCELLED_ERROR, traceback=_cancelled_text(call)))
+    elif not errors and call.state == CallState.FAILED:
+        # Ended without an attempt: failed before it ran (its queue left RQ_QUEUES, say).
         errors.append(
             TaskError(
-                exception_class_path=call.error_type or "asyncmodels.exceptions.CallCancelledError",
+                exception_class_path=call.error_type or "asyncmodels.exceptions.AsyncModelsError",
                 traceback=call.traceback or call.error or call.state_reason,
             )
         )

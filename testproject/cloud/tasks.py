@@ -86,3 +86,12 @@ async def add_slowly(a: int, b: int) -> int:
 def sleep_for(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@task()
+def cancel_itself() -> None:
+    """Ask for its own call to be cancelled, then stop at the next safe point."""
+    call = current_call()
+    if call is not None:  # always, on a worker
+        call.cancel(reason="changed its mind")
+        call.raise_if_cancel_requested()
