@@ -394,10 +394,20 @@ def after_attempt(call: MethodCall) -> None:
             dependencies.settle_dependents(call)
     except Exception:
         logger.exception("Could not release the calls that follow call %s; recovery will.", call.pk)
-    if call.task_backend:  # a django.tasks task: task_finished, if this attempt ended it
-        from .backends.tasks import task_attempt_ended
+    _task_attempt_ended(call)
 
-        task_attempt_ended(call)
+
+def _task_attempt_ended(call: MethodCall) -> None:
+    """For a django.tasks task: send ``task_finished`` if this attempt ended the task (once per
+    attempt: a failed attempt sends it from the job's ``except`` block, where the framework's
+    log receiver finds the exception in ``sys.exc_info()``). Never raises."""
+    if not call.task_backend:
+        return
+    try:
+        from .backends.tasks import task_attempt_ended
+    except ImportError:  # no tasks framework on this worker: nobody to tell (TasksUnavailable)
+        return
+    task_attempt_ended(call)
 
 
 class _CannotRun(Exception):
@@ -574,6 +584,7 @@ def _run_claimed(call: MethodCall) -> None:
             retryable=isinstance(exc, retry_on) or _is_timeout(exc) or not isinstance(exc, Exception),
             outcome=_outcome_of(exc),
         )
+        _task_attempt_ended(call)  # inside the except block: receivers see the exception
         if not isinstance(exc, Exception):
             raise  # SystemExit, KeyboardInterrupt: recorded; now let the worker do what it must
         return
@@ -692,6 +703,9 @@ def _storable_text(text: str) -> str:
 #: Set on a call by ``_finish``: whether calls wait for it, read in the finishing statement
 #: (``after_attempt`` skips looking for them when none did).
 HAS_DEPENDENTS = "_asyncmodels_has_dependents"
+#: Set on a task call by ``_finish``: the row as the finishing statement left it (a
+#: ``MethodCall``), so ``task_finished``'s ``TaskResult`` is built without reading it again.
+FINISHED_ROW = "_asyncmodels_finished_row"
 
 
 def _running_attempt(database: str, pk: Any, attempt: Any) -> QuerySet[MethodCall]:
@@ -708,11 +722,14 @@ def _finish(call: MethodCall, *, compiled: CompiledUpdate | None = None, **chang
     next recovery pass settles it, never lost. Inside a transaction (``atomic=True``) the answer
     is not used: the window would last until that transaction commits.
 
-    ``compiled``, if given, is the same statement compiled once (``_SUCCEEDED``), its slots named
-    like the ``changes`` that vary from call to call; it runs where rows can be returned.
+    ``compiled``, if given, is the same statement compiled once (``_SUCCEEDED``, or for a task
+    ``_SUCCEEDED_TASK``), its slots named like the ``changes`` that vary from call to call; it
+    runs where rows can be returned. For a task call the statement also returns the whole row
+    (``FINISHED_ROW``): whether the task is final, and its ``TaskResult``, come from it.
     """
     database = call._state.db or "default"
     values = {"lease_expires_at": None, **changes}
+    whole_row = bool(call.task_backend)
 
     def update() -> int:
         if not updates_return_rows(database):
@@ -721,12 +738,17 @@ def _finish(call: MethodCall, *, compiled: CompiledUpdate | None = None, **chang
             rows = compiled.run(database, pk=call.pk, attempt=call.attempts, **changes)
         else:
             queryset = _running_attempt(database, call.pk, call.attempts)
-            rows = update_returning_sql(queryset, values, has_dependents_sql(database))
+            rows = update_returning_sql(queryset, values, _finish_returning(database, whole_row=whole_row))
         # Inside a transaction (atomic=True) a dependent may commit after this statement and
         # before ours: its check reads this call still running, and this answer predates it.
         # Only an autocommit statement's answer holds at its own commit; otherwise, look after.
         if rows and not connections[database].in_atomic_block:
             setattr(call, HAS_DEPENDENTS, bool(rows[0][0]))
+        if rows and whole_row:
+            try:
+                setattr(call, FINISHED_ROW, returned_calls(database, [rows[0][1:]])[0])
+            except Exception:  # a value that would not load: task_finished reads the row instead
+                logger.exception("Could not load call %s from its finishing statement.", call.pk)
         return len(rows)
 
     updated = _reconnecting(database, update)
@@ -737,6 +759,14 @@ def _finish(call: MethodCall, *, compiled: CompiledUpdate | None = None, **chang
             call.attempts,
         )
     return bool(updated)
+
+
+def _finish_returning(database: str, *, whole_row: bool) -> str:
+    """What the finishing ``UPDATE`` returns: whether calls wait for this one, then (for a task)
+    every column of the row."""
+    if whole_row:
+        return f"{has_dependents_sql(database)}, {all_columns_sql(database)}"
+    return has_dependents_sql(database)
 
 
 def attempt_entry(call: MethodCall, outcome: str, duration: float | None, error: str = "") -> dict[str, Any]:
@@ -759,13 +789,14 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
         encoded = None
         note = _storable_text(f"The method returned normally, but its result could not be stored: {exc}")
     log = [*call.attempt_log, attempt_entry(call, "succeeded", time.monotonic() - started)]
+    statement = _SUCCEEDED_TASK if call.task_backend else _SUCCEEDED
     try:
-        recorded = _finish(call, compiled=_SUCCEEDED, **_succeeded(encoded, note, log))
+        recorded = _finish(call, compiled=statement, **_succeeded(encoded, note, log))
     except DatabaseError as exc:  # the database refused the result itself: keep the outcome
         if transaction.get_connection(call._state.db).in_atomic_block:
             raise  # atomic=True: the transaction is broken; the attempt fails and rolls back
         note = _storable_text(f"The method returned normally, but the database refused its result: {exc}")
-        recorded = _finish(call, compiled=_SUCCEEDED, **_succeeded(None, note, log))
+        recorded = _finish(call, compiled=statement, **_succeeded(None, note, log))
     if recorded:
         logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
     return recorded
@@ -804,27 +835,41 @@ def _field(name: str) -> Any:
     return MethodCall._meta.get_field(name)
 
 
-#: The success record (``_succeeded``, ``_finish``), compiled once per database.
-_SUCCEEDED = CompiledUpdate(
-    lambda database: (
-        _running_attempt(database, Slot("pk", _field("id")), Slot("attempt", _field("attempts"))),
-        {
-            "lease_expires_at": None,
-            **_succeeded(
-                Slot("result", _field("result")),
-                Slot("result_note", _field("result_note")),
-                Slot("attempt_log", _field("attempt_log")),
-            ),
-        },
-        has_dependents_sql(database),
+def _success_statement(*, whole_row: bool) -> CompiledUpdate:
+    """The success record (``_succeeded``, ``_finish``), compiled once per database; returning
+    the whole row too if ``whole_row`` (``_finish_returning``)."""
+    return CompiledUpdate(
+        lambda database: (
+            _running_attempt(database, Slot("pk", _field("id")), Slot("attempt", _field("attempts"))),
+            {
+                "lease_expires_at": None,
+                **_succeeded(
+                    Slot("result", _field("result")),
+                    Slot("result_note", _field("result_note")),
+                    Slot("attempt_log", _field("attempt_log")),
+                ),
+            },
+            _finish_returning(database, whole_row=whole_row),
+        )
     )
-)
+
+
+#: The success record of a method call.
+_SUCCEEDED = _success_statement(whole_row=False)
+#: The same for a task call, also returning its whole row (``FINISHED_ROW``).
+_SUCCEEDED_TASK = _success_statement(whole_row=True)
 
 
 def _what_follows(call: MethodCall) -> str:
     """For the failure's log line: whether a retry follows, or the call ended cancelled."""
+    row = getattr(call, FINISHED_ROW, None)  # a task's, returned by the finishing statement
     state = (
-        MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()
+        row.state
+        if row is not None
+        else MethodCall.objects.using(call._state.db)
+        .filter(pk=call.pk)
+        .values_list("state", flat=True)
+        .first()
     )
     if state == CallState.SCHEDULED:
         return "; retry scheduled"

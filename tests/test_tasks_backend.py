@@ -336,6 +336,79 @@ def test_a_failing_task_is_failed_with_its_exception_path_and_traceback(run_work
     assert result == cloud_tasks.fail.get_result(result.id)
 
 
+#: The logger of the framework's own signal receivers (Django 6, or the backport).
+FRAMEWORK_LOGGER = "django.tasks" if find_spec("django.tasks") else "django_tasks"
+
+
+def test_a_failed_tasks_finished_signal_carries_its_exception_to_the_frameworks_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The framework's log receiver logs ``sys.exc_info()``: task_finished is sent inside the
+    job's except block, so the log line holds the task's traceback, not ``NoneType: None``."""
+    seen: list[Any] = []
+
+    def receive(sender: Any, task_result: TaskResult[Any, Any], **kwargs: Any) -> None:
+        seen.append(sys.exc_info()[1])
+
+    task_finished.connect(receive, weak=False)
+    try:
+        result = cloud_tasks.fail.enqueue("logged")
+        with caplog.at_level("INFO", logger=FRAMEWORK_LOGGER):
+            job.run_method_call(int(result.id))
+    finally:
+        task_finished.disconnect(receive)
+    assert [type(exc) for exc in seen] == [cloud_tasks.TaskFailure]
+    [record] = [r for r in caplog.records if r.name == FRAMEWORK_LOGGER and "state=FAILED" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is cloud_tasks.TaskFailure
+    assert "raise TaskFailure(message)" in caplog.text
+
+
+def test_a_raising_task_finished_receiver_changes_nothing_recorded(caplog: pytest.LogCaptureFixture) -> None:
+    def explode(sender: Any, task_result: TaskResult[Any, Any], **kwargs: Any) -> None:
+        raise RuntimeError("receiver broke")
+
+    task_finished.connect(explode, weak=False)
+    try:
+        failing = cloud_tasks.fail.enqueue("boom")
+        job.run_method_call(int(failing.id))
+        working = cloud_tasks.add.enqueue(1, 2)
+        job.run_method_call(int(working.id))
+    finally:
+        task_finished.disconnect(explode)
+    failing.refresh()
+    working.refresh()
+    assert failing.status == TaskResultStatus.FAILED
+    assert failing.errors[0].exception_class is cloud_tasks.TaskFailure
+    assert working.status == TaskResultStatus.SUCCESSFUL and working.return_value == 3
+    broken = [
+        r for r in caplog.records if r.name == "asyncmodels.tasks" and "signal failed" in r.getMessage()
+    ]
+    assert len(broken) == 2
+
+
+@pytest.mark.parametrize(("task_name", "args"), [("add", (1, 2)), ("fail", ("boom",))])
+def test_a_task_attempt_reads_its_row_only_to_claim_it(
+    task_name: str, args: tuple[Any, ...], signals: list[tuple[str, TaskResult[Any, Any]]]
+) -> None:
+    """task_finished's TaskResult (and the failure's log line) come from the finishing UPDATE's
+    RETURNING: two statements in all, the claim and the finish, where the database returns rows."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from asyncmodels.models import updates_return_rows
+
+    if not updates_return_rows("default"):
+        pytest.skip("this database cannot return updated rows")
+    result = getattr(cloud_tasks, task_name).enqueue(*args)
+    with CaptureQueriesContext(connection) as queries:
+        job.run_method_call(int(result.id))
+    statements = [query["sql"].split()[0].upper() for query in queries.captured_queries]
+    assert statements.count("SELECT") == 0, queries.captured_queries
+    assert statements.count("UPDATE") == 2
+    assert [name for name, _ in signals][-1] == "finished"
+    assert signals[-1][1] == getattr(cloud_tasks, task_name).get_result(result.id)
+
+
 def test_a_return_value_that_is_not_json_fails_the_task_readably(run_worker: RunWorker) -> None:
     result = cloud_tasks.return_not_json.enqueue()
     run_worker()

@@ -532,11 +532,24 @@ def _storable_return_value(task: Task[Any, Any], value: Any) -> Any:
 
 def task_attempt_ended(call: MethodCall) -> None:
     """After an attempt of a task call ended (the job, or recovery ending a lost one): send
-    ``task_finished`` if the call is now final. One query. Never raises."""
+    ``task_finished`` if the call is now final, at most once per attempt. No query when the
+    job's finishing ``UPDATE`` returned the row (``job.FINISHED_ROW``: PostgreSQL, SQLite
+    3.35+); else one, to read it. Never raises.
+
+    The job calls this inside its ``except`` block for a failed attempt, so the framework's log
+    receiver (``sys.exc_info()``) logs the traceback; receivers run after the attempt was
+    recorded, and one that raises is logged (``_send``), so none can change that record.
+    """
+    from ..job import FINISHED_ROW
     from ..models import TERMINAL_STATES, MethodCall
 
+    if getattr(call, _FINISHED_SENT, None) == call.attempts:
+        return
+    setattr(call, _FINISHED_SENT, call.attempts)
     try:
-        row = MethodCall.objects.using(call._state.db).filter(pk=call.pk).first()
+        row = getattr(call, FINISHED_ROW, None)
+        if row is None:
+            row = MethodCall.objects.using(call._state.db).filter(pk=call.pk).first()
         if row is None or row.state not in TERMINAL_STATES:
             return
         backend = _backend_of(row)
@@ -545,3 +558,7 @@ def task_attempt_ended(call: MethodCall) -> None:
             _send(task_finished, backend, task_result_for(row, task))
     except Exception:
         logger.exception("Could not send task_finished for call %s.", call.pk)
+
+
+#: Set on a call by ``task_attempt_ended``: the attempt whose end it has handled.
+_FINISHED_SENT = "_asyncmodels_task_finished_sent"
