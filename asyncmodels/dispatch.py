@@ -88,7 +88,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
             # One job per call and attempt: pushing again while RQ still holds the job is refused
             # (two workers running one RQ job id confuse RQ's own registries).
             unique=True,
-            description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
+            description=call.job_description,
             # Our row keeps the outcome; RQ's copy of the (empty) return value need not linger.
             result_ttl=0,
             # None keeps the queue's DEFAULT_TIMEOUT (RQ's default: 180 s).
@@ -475,7 +475,7 @@ def _job_data(queue: Queue, call: MethodCall) -> EnqueueData:
         JOB_FUNCTION,
         [call.pk, call._state.db or "default"],
         job_id=call.job_id,
-        description=f"{call.method}(pk={call.object_id}) call #{call.pk}",
+        description=call.job_description,
         result_ttl=0,
         timeout=math.ceil(timeout) if timeout else None,
     )

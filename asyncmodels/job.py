@@ -798,7 +798,7 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
         note = _storable_text(f"The method returned normally, but the database refused its result: {exc}")
         recorded = _finish(call, compiled=statement, **_succeeded(None, note, log))
     if recorded:
-        logger.info("Call %s (%s on %s) succeeded.", call.pk, call.method, call.object_id)
+        logger.info("Call %s (%s) succeeded.", call.pk, call.subject)
     return recorded
 
 
@@ -921,10 +921,9 @@ def _record_failure(
         recorded = _finish(call, **errors, **changes)
     if recorded:
         logger.warning(
-            "Call %s (%s on %s) attempt %s %s: %s: %s%s",
+            "Call %s (%s) attempt %s %s: %s: %s%s",
             call.pk,
-            call.method,
-            call.object_id,
+            call.subject,
             call.attempts,
             outcome,
             error_type,

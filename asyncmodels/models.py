@@ -34,6 +34,10 @@ class CallState(models.TextChoices):
     CANCELLED = "cancelled", _("cancelled")  # stopped before it ran
 
 
+#: The most characters of a task's arguments ``MethodCall.subject`` shows (a log line, RQ's job
+#: description); the row keeps them all.
+SUBJECT_ARGUMENTS_LENGTH = 200
+
 TERMINAL_STATES = frozenset({CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED})
 UNFINISHED_STATES = frozenset(set(CallState) - TERMINAL_STATES)
 #: States from which a worker may claim a call. ``pending`` is included because the push to
@@ -383,6 +387,33 @@ class MethodCall(models.Model):
         from .serialization import decode_arguments
 
         return decode_arguments(self.args, self.kwargs)
+
+    @property
+    def subject(self) -> str:
+        """What the call runs, for log lines: ``"<app.Model.method> on <pk>"`` for a method call;
+        for a task (no object) its dotted path and arguments, ``"<module.function>(1, key='x')"``
+        (the arguments cut at ``SUBJECT_ARGUMENTS_LENGTH`` characters)."""
+        if not self.task_backend:
+            return f"{self.method} on {self.object_id}"
+        from .exceptions import DecodingError
+
+        try:
+            args, kwargs = self.get_arguments()
+            shown = [repr(value) for value in args] + [f"{key}={value!r}" for key, value in kwargs.items()]
+        except DecodingError:  # a row that no longer decodes: show it as stored
+            shown = [repr(self.args), repr(self.kwargs)]
+        text = ", ".join(shown)
+        if len(text) > SUBJECT_ARGUMENTS_LENGTH:
+            text = text[: SUBJECT_ARGUMENTS_LENGTH - 1] + "…"
+        return f"{self.method}({text})"
+
+    @property
+    def job_description(self) -> str:
+        """RQ's description of the call's job (shown by RQ's worker log and dashboards):
+        ``"<app.Model.method>(pk=<pk>) call #<id>"``, or for a task ``"<subject> task #<id>"``."""
+        if self.task_backend:
+            return f"{self.subject} task #{self.pk}"
+        return f"{self.method}(pk={self.object_id}) call #{self.pk}"
 
     @property
     def job_id(self) -> str:

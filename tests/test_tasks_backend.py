@@ -336,6 +336,41 @@ def test_a_failing_task_is_failed_with_its_exception_path_and_traceback(run_work
     assert result == cloud_tasks.fail.get_result(result.id)
 
 
+def test_a_tasks_rq_job_and_log_lines_read_like_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    import django_rq
+
+    result = cloud_tasks.echo.enqueue(1, "x", flag=True)
+    [queued] = django_rq.get_queue("urgent", commit_mode="auto").get_jobs()
+    assert queued.description == f"testproject.cloud.tasks.echo(1, 'x', flag=True) task #{result.id}"
+    failing = cloud_tasks.fail.enqueue("boom")
+    with caplog.at_level("INFO", logger="asyncmodels.job"):
+        job.run_method_call(int(result.id))
+        job.run_method_call(int(failing.id))
+    lines = [record.getMessage() for record in caplog.records if record.name == "asyncmodels.job"]
+    assert f"Call {result.id} (testproject.cloud.tasks.echo(1, 'x', flag=True)) succeeded." in lines
+    assert any(
+        line.startswith(f"Call {failing.id} (testproject.cloud.tasks.fail('boom')) attempt 1 failed")
+        for line in lines
+    ), lines
+
+
+def test_a_method_calls_rq_job_still_names_its_object() -> None:
+    import django_rq
+
+    echo = Echo.objects.create()
+    call = echo.noop()
+    [queued] = django_rq.get_queue("default", commit_mode="auto").get_jobs()
+    assert queued.description == f"cloud.Echo.noop(pk={echo.pk}) call #{call.pk}"
+    assert call.subject == f"cloud.Echo.noop on {echo.pk}"
+
+
+def test_a_tasks_subject_cuts_long_arguments() -> None:
+    result = cloud_tasks.echo.enqueue("y" * 1000)
+    subject = _row(result).subject
+    assert subject.startswith("testproject.cloud.tasks.echo('yyy") and subject.endswith("…)")
+    assert len(subject) < 250
+
+
 #: The logger of the framework's own signal receivers (Django 6, or the backport).
 FRAMEWORK_LOGGER = "django.tasks" if find_spec("django.tasks") else "django_tasks"
 
