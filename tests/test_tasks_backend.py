@@ -628,6 +628,29 @@ def test_a_task_whose_worker_is_killed_is_recovered(spawn_worker: SpawnWorker) -
     assert result.finished_at is not None
 
 
+@pytest.mark.live_redis
+def test_a_retrying_task_whose_worker_is_killed_runs_again_and_succeeds(spawn_worker: SpawnWorker) -> None:
+    """kill -9 of the worker and its work horse mid-task: recovery retries the task (its
+    backend's RETRIES), a second worker runs attempt 2, and the lost attempt is in its errors."""
+    result = cloud_tasks.sleep_on_first_attempt.enqueue(60)
+
+    def status() -> TaskResultStatus:
+        result.refresh()
+        return result.status
+
+    doomed = spawn_worker()
+    wait_for(lambda: status() == TaskResultStatus.RUNNING, message="the task to start")
+    doomed.kill_all()
+    spawn_worker()
+    wait_for(lambda: status() == TaskResultStatus.SUCCESSFUL, message="the retried task to succeed")
+    assert result.return_value == 2  # context.attempt of the attempt that ran to the end
+    assert len(result.worker_ids) == 2
+    [lost] = result.errors
+    assert lost.exception_class is WorkerLost
+    assert "was lost" in lost.traceback
+    assert result == cloud_tasks.sleep_on_first_attempt.get_result(result.id)
+
+
 # Beside method calls: the queryset and the admin.
 
 

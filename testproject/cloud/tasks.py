@@ -88,6 +88,14 @@ def sleep_for(seconds: float) -> float:
     return seconds
 
 
+@task(takes_context=True, backend="retrying")
+def sleep_on_first_attempt(context: TaskContext[Any, Any], seconds: float) -> int:
+    """Sleep ``seconds`` on attempt 1 (long enough to be killed); return at once on the next."""
+    if context.attempt == 1:
+        time.sleep(seconds)
+    return context.attempt
+
+
 @task()
 def cancel_itself() -> None:
     """Ask for its own call to be cancelled, then stop at the next safe point."""
