@@ -25,9 +25,10 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, models, transaction
+from django.db import models, transaction
 from django.db.models.functions import Now
 
+from . import signals
 from .exceptions import InvalidDependencyError
 
 if TYPE_CHECKING:
@@ -209,11 +210,10 @@ def cancel_doomed(reasons: dict[int, str], database: str) -> list[int]:
     cancelled here. (``settle()`` does one call and reads its dependencies itself.) The caller
     settles the calls waiting for these in turn (``settle_dependents_of``), once committed. Needs
     ``UPDATE … RETURNING`` (``updates_return_rows``)."""
-    from .models import CallState, MethodCall, update_returning_sql
+    from .models import CallState, MethodCall, all_columns_sql, returned_calls, update_returning_sql
 
     if not reasons:
         return []
-    quote = connections[database].ops.quote_name
     rows = update_returning_sql(
         MethodCall.objects.using(database).filter(pk__in=list(reasons), state=CallState.WAITING),
         {
@@ -227,12 +227,30 @@ def cancel_doomed(reasons: dict[int, str], database: str) -> list[int]:
                 output_field=models.TextField(),
             ),
         },
-        f"{quote(MethodCall._meta.db_table)}.{quote(str(MethodCall._meta.pk.column))}",
+        all_columns_sql(database),  # the calls, for their signals: no query per call
     )
-    cancelled = [row[0] for row in rows]
-    for call_id in cancelled:
-        logger.info("Call %s cancelled: %s", call_id, reasons[call_id])
-    return cancelled
+    calls = returned_calls(database, rows)
+    for call in calls:
+        signals.send(signals.call_cancelled, call, previous_state=CallState.WAITING, reason=call.state_reason)
+    return [call.pk for call in calls]
+
+
+def _cancel_waiting(call_id: int, database: str, reason: str) -> bool:
+    """Cancel the ``waiting`` call ``call_id`` (a compare-and-set) and send ``call_cancelled``;
+    return whether this did. The row comes back with the ``UPDATE`` where the database can; else
+    it is read afterwards (one query)."""
+    from .models import CallState, MethodCall, update_returning, updates_return_rows
+
+    waiting = MethodCall.objects.using(database).filter(pk=call_id, state=CallState.WAITING)
+    changes = {"state": CallState.CANCELLED, "finished_at": Now(), "state_reason": reason}
+    if updates_return_rows(database):
+        count, rows = update_returning(waiting, changes)
+    else:
+        count = waiting.update(**changes)
+        rows = list(MethodCall.objects.using(database).filter(pk=call_id)) if count else []
+    for call in rows:
+        signals.send(signals.call_cancelled, call, previous_state=CallState.WAITING, reason=reason)
+    return bool(count)
 
 
 def _settle_one(call_id: int, database: str) -> str | None:
@@ -253,11 +271,7 @@ def _settle_one(call_id: int, database: str) -> str | None:
             reason = (
                 f"Call #{depends_on} ({method}), which this call waited for, {state}; this call never ran."
             )
-            cancelled = manager.filter(pk=call_id, state=CallState.WAITING).update(
-                state=CallState.CANCELLED, finished_at=Now(), state_reason=reason[:2000]
-            )
-            if cancelled:
-                logger.info("Call %s cancelled: %s", call_id, reason)
+            if _cancel_waiting(call_id, database, reason[:2000]):
                 return CallState.CANCELLED
             return None
     unfinished = [depends_on for depends_on, state, _ in dependencies if state != CallState.SUCCEEDED]

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import conf
+from . import conf, signals
 
 if TYPE_CHECKING:
     from rq.queue import EnqueueData, Queue
@@ -28,6 +28,10 @@ logger = logging.getLogger("asyncmodels.dispatch")
 
 #: Dotted path of the one job function every call runs through.
 JOB_FUNCTION = "asyncmodels.job.run_method_call"
+
+#: Set on a call by ``send_jobs``: whether RQ held its job already (pushed by another process,
+#: which sends its ``call_enqueued``), so this push sent nothing.
+HELD_ALREADY = "_asyncmodels_held_already"
 
 
 #: Queues by name, with what they were made from (see ``get_queue``).
@@ -69,6 +73,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
 
     database = call._state.db or "default"
     if conf.get_backend_name() == "immediate":
+        signals.pushed([call], previous_state=call.state)
         _run_immediately(call.pk, database)
         call.refresh_from_db()  # the caller may hold this very object: show it the outcome
         return True
@@ -77,6 +82,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
     if call.queue not in conf.get_rq_queue_names():
         _fail_for_unknown_queue(call)
         return False
+    held = False
     try:
         timeout = call.policy.get("timeout") if isinstance(call.policy, dict) else None
         queue = get_queue(call.queue)
@@ -96,6 +102,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         )
     except DuplicateJobError:
         logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
+        held = True
     except Exception as exc:
         logger.exception(
             "Could not push call %s (%s on object %s) to queue %r; it stays pending.",
@@ -108,8 +115,11 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
         if raise_errors:
             raise
         return False
+    previous = call.state
     if call.state == CallState.PENDING and not call.mark_enqueued():
         call.refresh_from_db(fields=["state"])  # a worker claimed it already, or another push marked it
+    elif not held:  # pushed, and marked enqueued (now, or when written)
+        signals.pushed([call], previous_state=previous if previous != call.state else None)
     return True
 
 
@@ -157,8 +167,16 @@ def _fail_for_unknown_queue(call: MethodCall) -> None:
         )
     )
     if failed:
-        call.state = CallState.FAILED
-        logger.error("Call %s failed: %s", call.pk, error)
+        previous, call.state, call.state_reason = call.state, CallState.FAILED, ""
+        signals.send(
+            signals.call_failed,
+            call,
+            previous_state=previous,
+            error_type="asyncmodels.UnknownQueue",
+            error=error,
+            outcome="failed",
+            duration=None,
+        )
         from .dependencies import settle_dependents
 
         settle_dependents(call)
@@ -364,6 +382,11 @@ def push_many(calls: list[MethodCall]) -> int:
     for failed, reason in failures:
         _back_to_pending(failed, reason)
     to_mark = [call for call in pushed if call.state == CallState.PENDING]
+    # Written enqueued (with their push bound to the commit): pushed now, by this process.
+    marking = {id(call) for call in to_mark}
+    signals.pushed(
+        call for call in pushed if id(call) not in marking and not getattr(call, HELD_ALREADY, False)
+    )
     if not to_mark:
         return len(pushed)
     try:
@@ -377,6 +400,9 @@ def push_many(calls: list[MethodCall]) -> int:
         return len(pushed)
     for call in to_mark:
         call.state = CallState.ENQUEUED
+    signals.pushed(
+        (call for call in to_mark if not getattr(call, HELD_ALREADY, False)), previous_state=CallState.PENDING
+    )
     return len(pushed)
 
 
@@ -430,7 +456,9 @@ def send_jobs(
             for queue, call in entries:
                 if call.pk in held_ids:  # RQ holds this attempt's job already (pushed by another process)
                     logger.info("Call %s is already in RQ as job %s; not pushed again.", call.pk, call.job_id)
+                    setattr(call, HELD_ALREADY, True)  # its pusher sends call_enqueued, not us
                 else:
+                    setattr(call, HELD_ALREADY, False)
                     per_queue.setdefault(queue.name, (queue, []))[1].append(_job_data(queue, call))
             with connection.pipeline(transaction=False) as pipeline:
                 for queue, datas in per_queue.values():

@@ -40,7 +40,7 @@ from django.db.models import Case, DurationField, F, Model, QuerySet, TextField,
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, Now
 
-from . import conf, exclusive, registry, serialization
+from . import conf, exclusive, registry, serialization, signals
 from .context import running
 from .exceptions import CallCancelledError, DecodingError, EncodingError
 from .models import (
@@ -373,6 +373,7 @@ def _claim_and_run(call_id: int, database: str) -> None:
         )
         logger.warning("Call %s could not be read and was failed: %r", call_id, exc)
         return
+    signals.send(signals.call_started, call, worker=call.worker)
     try:
         _run_claimed(call)
     finally:
@@ -742,11 +743,13 @@ def _finish(call: MethodCall, *, compiled: CompiledUpdate | None = None, **chang
         # Inside a transaction (atomic=True) a dependent may commit after this statement and
         # before ours: its check reads this call still running, and this answer predates it.
         # Only an autocommit statement's answer holds at its own commit; otherwise, look after.
+        if rows:  # the state the record left (a retry, or a cancel requested meanwhile)
+            call.state, call.state_reason = rows[0][1], rows[0][2]
         if rows and not connections[database].in_atomic_block:
             setattr(call, HAS_DEPENDENTS, bool(rows[0][0]))
         if rows and whole_row:
             try:
-                setattr(call, FINISHED_ROW, returned_calls(database, [rows[0][1:]])[0])
+                setattr(call, FINISHED_ROW, returned_calls(database, [rows[0][3:]])[0])
             except Exception:  # a value that would not load: task_finished reads the row instead
                 logger.exception("Could not load call %s from its finishing statement.", call.pk)
         return len(rows)
@@ -762,11 +765,15 @@ def _finish(call: MethodCall, *, compiled: CompiledUpdate | None = None, **chang
 
 
 def _finish_returning(database: str, *, whole_row: bool) -> str:
-    """What the finishing ``UPDATE`` returns: whether calls wait for this one, then (for a task)
-    every column of the row."""
+    """What a finishing ``UPDATE`` returns (``_finish``): whether calls wait for this one, the
+    ``state`` and ``state_reason`` it left (a retry, or a cancel requested meanwhile, decides them
+    in SQL), then, for a task, every column of the row."""
+    quote = connections[database].ops.quote_name
+    table = quote(MethodCall._meta.db_table)
+    returning = f"{has_dependents_sql(database)}, {table}.{quote('state')}, {table}.{quote('state_reason')}"
     if whole_row:
-        return f"{has_dependents_sql(database)}, {all_columns_sql(database)}"
-    return has_dependents_sql(database)
+        return f"{returning}, {all_columns_sql(database)}"
+    return returning
 
 
 def attempt_entry(call: MethodCall, outcome: str, duration: float | None, error: str = "") -> dict[str, Any]:
@@ -788,7 +795,8 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
     except EncodingError as exc:
         encoded = None
         note = _storable_text(f"The method returned normally, but its result could not be stored: {exc}")
-    log = [*call.attempt_log, attempt_entry(call, "succeeded", time.monotonic() - started)]
+    duration = time.monotonic() - started
+    log = [*call.attempt_log, attempt_entry(call, "succeeded", duration)]
     statement = _SUCCEEDED_TASK if call.task_backend else _SUCCEEDED
     try:
         recorded = _finish(call, compiled=statement, **_succeeded(encoded, note, log))
@@ -798,7 +806,8 @@ def _record_success(call: MethodCall, result: Any, started: float) -> bool:
         note = _storable_text(f"The method returned normally, but the database refused its result: {exc}")
         recorded = _finish(call, compiled=statement, **_succeeded(None, note, log))
     if recorded:
-        logger.info("Call %s (%s) succeeded.", call.pk, call.subject)
+        call.state = CallState.SUCCEEDED
+        signals.send(signals.call_succeeded, call, previous_state=CallState.RUNNING, duration=duration)
     return recorded
 
 
@@ -860,22 +869,17 @@ _SUCCEEDED = _success_statement(whole_row=False)
 _SUCCEEDED_TASK = _success_statement(whole_row=True)
 
 
-def _what_follows(call: MethodCall) -> str:
-    """For the failure's log line: whether a retry follows, or the call ended cancelled."""
-    row = getattr(call, FINISHED_ROW, None)  # a task's, returned by the finishing statement
-    state = (
-        row.state
-        if row is not None
-        else MethodCall.objects.using(call._state.db)
+def _read_state(call: MethodCall) -> None:
+    """Read the call's ``state`` and ``state_reason`` as its failure left them (a retry, or a
+    cancel requested meanwhile): where the finishing ``UPDATE`` could not return them."""
+    row = (
+        MethodCall.objects.using(call._state.db)
         .filter(pk=call.pk)
-        .values_list("state", flat=True)
+        .values_list("state", "state_reason")
         .first()
     )
-    if state == CallState.SCHEDULED:
-        return "; retry scheduled"
-    if state == CallState.CANCELLED:
-        return "; the call was asked to stop, so it ends cancelled"
-    return ""
+    if row is not None:
+        call.state, call.state_reason = row
 
 
 def _record_failure(
@@ -890,7 +894,8 @@ def _record_failure(
 ) -> None:
     error_type, error, trace = _storable_text(error_type)[:255], _storable_text(error), _storable_text(trace)
     policy = retry_policy_from_row(call.policy)
-    entry = attempt_entry(call, outcome, time.monotonic() - started, f"{error_type}: {error}")
+    duration = time.monotonic() - started
+    entry = attempt_entry(call, outcome, duration, f"{error_type}: {error}")
     if call.task_backend:  # a task's result lists every failed attempt with its traceback
         entry.update(error_type=error_type, traceback=trace[-20000:])
     log = [*call.attempt_log, entry]
@@ -901,6 +906,7 @@ def _record_failure(
         "attempt_log": log,
     }
     changes: dict[str, Any]
+    delay = None
     if retryable and policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)
         reason = (
@@ -920,13 +926,8 @@ def _record_failure(
         errors["traceback"] = ""
         recorded = _finish(call, **errors, **changes)
     if recorded:
-        logger.warning(
-            "Call %s (%s) attempt %s %s: %s: %s%s",
-            call.pk,
-            call.subject,
-            call.attempts,
-            outcome,
-            error_type,
-            error,
-            _what_follows(call),
+        if call.state == CallState.RUNNING:  # no RETURNING here (_finish): a retry or a cancel follows?
+            _read_state(call)
+        signals.attempt_failed(
+            call, error_type, errors["error"], outcome, duration, delay.total_seconds() if delay else None
         )

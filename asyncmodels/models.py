@@ -503,8 +503,9 @@ class MethodCall(models.Model):
         )
         self.refresh_from_db()
         if won and self.state == CallState.CANCELLED:
-            from . import dependencies
+            from . import dependencies, signals
 
+            signals.send(signals.call_cancelled, self, reason=self.state_reason)
             dependencies.settle_dependents(self)
         return won
 
@@ -551,9 +552,11 @@ class MethodCall(models.Model):
         Raises ``asyncmodels.exceptions.UnknownQueueError`` (and changes nothing) if the call's
         queue is no longer in ``settings.RQ_QUEUES``: the retry could only fail again.
         """
-        from . import conf, dispatch
+        from . import conf, dispatch, signals
         from .exceptions import DuplicateCallError, UnknownQueueError
 
+        # Retryable states are terminal: a row that was one when read is still it if the retry wins.
+        previous = self.state if self.state in RETRYABLE_STATES else None
         queues = conf.get_rq_queue_names()
         database = self._state.db or "default"
         # A call with dependencies waits for them again (they may have been retried too).
@@ -596,6 +599,16 @@ class MethodCall(models.Model):
             raise UnknownQueueError(
                 f"queue {self.queue!r} of call #{self.pk} is no longer in settings.RQ_QUEUES; restore it "
                 "before retrying the call."
+            )
+        if won:
+            signals.send(
+                signals.call_retried,
+                self,
+                previous_state=previous,
+                attempt=self.attempts + 1,
+                reason=self.state_reason,
+                automatic=False,
+                delay=None,
             )
         if won and self.state == CallState.WAITING:
             from . import dependencies

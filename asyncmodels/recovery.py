@@ -49,7 +49,7 @@ from django.db.models import Case, CharField, F, Field, Q, QuerySet, Value, When
 from django.db.models.functions import Now
 from rq.exceptions import StopRequested
 
-from . import conf, dispatch
+from . import conf, dispatch, signals
 from .job import HAS_DEPENDENTS, after_attempt, attempt_entry
 from .models import (
     CallState,
@@ -199,17 +199,29 @@ def _take(database: str, ids: list[int], still: Q, changes: dict[str, Any]) -> l
     return list(manager.filter(pk__in=locked))
 
 
-def _send(calls: list[MethodCall], *, ask_first: bool) -> tuple[int, int]:
+def _send(
+    calls: list[MethodCall],
+    *,
+    ask_first: bool,
+    previous_state: str | None,
+    recovered: dict[int, str] | None = None,
+) -> tuple[int, int]:
     """Push calls just marked ``enqueued`` by this step (its transaction still open): per Redis
     server one pipeline (``dispatch.send_jobs``; with ``ask_first``, one more asking which jobs RQ
     holds already). Calls whose push failed go back to ``pending`` with the reason, in the same
     transaction. Returns (pushed, errors: one per Redis server that failed). With the
-    ``immediate`` backend each call is run here instead."""
+    ``immediate`` backend each call is run here instead.
+
+    Each call pushed here gets ``call_enqueued`` (from ``previous_state``) once the step commits,
+    after ``call_recovered`` (``"repushed"``, with its reason) if it is in ``recovered`` (call id
+    → what was wrong). A job RQ held already sends neither."""
     if not calls:
         return 0, 0
     if conf.get_backend_name() == "immediate":
         pushed = errors = 0
         for call in calls:
+            if recovered is not None:
+                _signal_repushed(call, recovered[call.pk], previous_state)
             try:
                 pushed += dispatch.push(call, raise_errors=True)
             except StopRequested:
@@ -220,7 +232,23 @@ def _send(calls: list[MethodCall], *, ask_first: bool) -> tuple[int, int]:
     sent, failures = dispatch.send_jobs(calls, ask_first=lambda call: ask_first)
     for failed, reason in failures:
         dispatch._back_to_pending(failed, reason)
+    pushed_here = [call for call in sent if not getattr(call, dispatch.HELD_ALREADY, False)]
+    if recovered is not None:
+        for call in pushed_here:
+            _signal_repushed(call, recovered[call.pk], previous_state)
+    signals.pushed(pushed_here, previous_state=previous_state)  # sent at the step's commit
     return len(sent), len(failures)
+
+
+def _signal_repushed(call: MethodCall, reason: str, previous_state: str | None) -> None:
+    signals.send(
+        signals.call_recovered,
+        call,
+        previous_state=previous_state,
+        attempt=call.attempts + 1,
+        action="repushed",
+        reason=reason,
+    )
 
 
 def _oldest_ids(queryset: QuerySet[MethodCall], *order: str) -> list[int]:
@@ -238,7 +266,9 @@ def _push_due(database: str) -> RecoveryReport:
     # A retry's "attempt 2 of 4 is due in ..." reason is obsolete once it is pushed.
     changes = {"state": CallState.ENQUEUED, "enqueued_at": Now(), "state_reason": ""}
     with _one_commit(database):
-        pushed, errors = _send(_take(database, ids, due, changes), ask_first=True)
+        pushed, errors = _send(
+            _take(database, ids, due, changes), ask_first=True, previous_state=CallState.SCHEDULED
+        )
     return RecoveryReport(pushed_due=pushed, errors=errors)
 
 
@@ -251,7 +281,14 @@ def _push_pending(database: str) -> RecoveryReport:
     changes = {"state": CallState.ENQUEUED, "enqueued_at": Now(), "state_reason": reason_after_push()}
     with _one_commit(database):
         # Its own commit hook may be pushing it this very moment (a slow process): ask RQ first.
-        pushed, errors = _send(_take(database, ids, stale, changes), ask_first=True)
+        taken = _take(database, ids, stale, changes)
+        lost = "Its push was lost: it was pending for longer than PUSH_GRACE_SECONDS."
+        pushed, errors = _send(
+            taken,
+            ask_first=True,
+            previous_state=CallState.PENDING,
+            recovered=dict.fromkeys((call.pk for call in taken), lost),
+        )
     return RecoveryReport(pushed_pending=pushed, errors=errors)
 
 
@@ -312,17 +349,13 @@ def _repush_lost_jobs(database: str) -> RecoveryReport:
         # Taken (enqueued_at moves to now) so that a pass running at the same time does not push
         # them too; a row moved on meanwhile (a worker claimed it after all) is left alone.
         taken = _take(database, list(dead), stale, {"enqueued_at": Now()})
+        reasons: dict[int, str] = {}
         for call in taken:
             status, connection = dead[call.pk]
-            logger.warning(
-                "Call %s is enqueued but its RQ job %s is %s; pushing it again.",
-                call.pk,
-                call.job_id,
-                status or "gone",
-            )
+            reasons[call.pk] = f"It was enqueued, but its RQ job {call.job_id} is {status or 'gone'}."
             if status is not None:  # a dead job (failed, stopped...) would block a push under its id
                 Job(call.job_id, connection=connection).delete(remove_from_queue=True)
-        pushed, errors = _send(taken, ask_first=False)
+        pushed, errors = _send(taken, ask_first=False, previous_state=CallState.ENQUEUED, recovered=reasons)
     report.repushed_enqueued += pushed
     report.errors += errors
     return report
@@ -379,21 +412,36 @@ def _end_lost_attempts(database: str) -> RecoveryReport:
                 [
                     *(_column(database, name) for name in ("id", "state", "exclusive_key")),
                     has_dependents_sql(database),
+                    _column(database, "state_reason"),
                 ]
             ),
         )
     # Committed: what follows each ended attempt (the next exclusive call, dependents, a task's
     # signal) runs outside the step's transaction, as after a job, so that nothing it does (or
     # swallows) can undo the batch.
-    for call_id, state, key, has_dependents in ended:
+    for call_id, state, key, has_dependents, reason in ended:
         call = per_call[call_id][0]
-        call.state, call.exclusive_key = state, key
+        call.state, call.exclusive_key, call.state_reason = state, key, reason
         setattr(call, HAS_DEPENDENTS, bool(has_dependents))
         report += _count_lost(state)
-        each = per_call[call_id][1]
-        logger.warning("Call %s (now %s): %s", call_id, state, each["state_reason"] or each["error"])
+        _signal_lost(call, per_call[call_id][1])
         after_attempt(call)
     return report
+
+
+def _signal_lost(call: MethodCall, changes: dict[str, Any]) -> None:
+    """``call_recovered`` for a lost attempt recovery ended (``call.state`` as it left it), then
+    what follows a failed attempt (``signals.attempt_failed``, outcome ``"lost"``)."""
+    signals.send(
+        signals.call_recovered,
+        call,
+        previous_state=CallState.RUNNING,
+        action="ended_lost_attempt",
+        reason=changes["error"],
+    )
+    signals.attempt_failed(
+        call, changes["error_type"], changes["error"], "lost", None, getattr(call, _RETRY_DELAY, None)
+    )
 
 
 def _count_lost(state: str | None) -> RecoveryReport:
@@ -516,7 +564,11 @@ def _settle_waiting(database: str) -> RecoveryReport:
                 },
             )
             report.released_waiting += len(rows)
-            _, errors = _send([row for row in rows if row.state == CallState.ENQUEUED], ask_first=True)
+            _, errors = _send(
+                [row for row in rows if row.state == CallState.ENQUEUED],
+                ask_first=True,
+                previous_state=CallState.WAITING,
+            )
             report.errors += errors
     if cancelled:
         dependencies.settle_dependents_of(cancelled, database)  # cancelled in turn, once committed
@@ -528,6 +580,10 @@ def _count_settled(state: str | None) -> RecoveryReport:
         cancelled_waiting=int(state == CallState.CANCELLED),
         released_waiting=int(state in (CallState.PENDING, CallState.SCHEDULED, CallState.ENQUEUED)),
     )
+
+
+#: Set on a call by ``lost_attempt_changes``: the retry's delay (seconds), for ``call_retried``.
+_RETRY_DELAY = "_asyncmodels_retry_delay"
 
 
 def lost_attempt_changes(call: MethodCall, reason: str | None = None) -> dict[str, Any]:
@@ -545,6 +601,7 @@ def lost_attempt_changes(call: MethodCall, reason: str | None = None) -> dict[st
     log = [*call.attempt_log, attempt_entry(call, "lost", None, reason)]
     if policy.allows_another_attempt(call.attempts):
         delay = policy.delay_after(call.attempts)
+        setattr(call, _RETRY_DELAY, delay.total_seconds())  # for call_retried
         return {
             "state": CallState.SCHEDULED,
             "run_after": Now() + delay,
@@ -585,10 +642,15 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
     )
     if not won:
         return None
-    after_attempt(call)
     # A cancel requested while the attempt ran turns a retry or a failure into "cancelled".
-    state = (
-        MethodCall.objects.using(call._state.db).filter(pk=call.pk).values_list("state", flat=True).first()
+    row = (
+        MethodCall.objects.using(call._state.db)
+        .filter(pk=call.pk)
+        .values_list("state", "state_reason")
+        .first()
     )
-    logger.warning("Call %s (now %s): %s", call.pk, state, changes["state_reason"] or changes["error"])
-    return state
+    if row is not None:
+        call.state, call.state_reason = row
+        _signal_lost(call, changes)
+    after_attempt(call)
+    return str(call.state) if row is not None else None
