@@ -73,7 +73,7 @@ def push(call: MethodCall, *, raise_errors: bool = False) -> bool:
 
     database = call._state.db or "default"
     if conf.get_backend_name() == "immediate":
-        signals.pushed([call], previous_state=call.state)
+        signals.pushed([call], previous_state=None if call.state == CallState.ENQUEUED else call.state)
         _run_immediately(call.pk, database)
         call.refresh_from_db()  # the caller may hold this very object: show it the outcome
         return True
