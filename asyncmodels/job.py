@@ -929,5 +929,10 @@ def _record_failure(
         if call.state == CallState.RUNNING:  # no RETURNING here (_finish): a retry or a cancel follows?
             _read_state(call)
         signals.attempt_failed(
-            call, error_type, errors["error"], outcome, duration, delay.total_seconds() if delay else None
+            call,
+            error_type,
+            errors["error"],
+            outcome,
+            duration,
+            None if delay is None else delay.total_seconds(),
         )
