@@ -385,3 +385,18 @@ def test_log_lines_can_be_silenced_by_their_level(
     ]
     assert logged == kept
     assert MethodCall.objects.filter(state=CallState.FAILED).count() == 1  # they did run
+
+
+def test_a_waiting_call_is_cancelled_or_released_with_its_signals_as_its_dependency_ends(
+    recorder: Recorder, redis_connection: redis.Redis
+) -> None:
+    echo = Echo.objects.create()
+    broken, fine = echo.fail("broken"), echo.noop()
+    doomed, released = echo.bump.using(after=[broken])(), echo.bump.using(after=[fine])()
+    assert recorder.of(doomed) == recorder.of(released) == []  # waiting: not pushed
+    work_here(redis_connection)
+    assert recorder.of(doomed) == ["cancelled"]
+    [cancelled] = recorder.kwargs(doomed, "cancelled")
+    assert cancelled["previous_state"] == CallState.WAITING
+    assert "which this call waited for, failed" in cancelled["reason"]
+    assert recorder.of(released) == ["enqueued", "started", "succeeded"]
