@@ -75,11 +75,11 @@ def _receiver(transition: str) -> Any:
         state = kwargs.get("state", call.state)
         logger.log(
             level,
-            "Call %s %s: %s on %s, state %s, attempt %s%s",
+            "Call %s %s: %s, state %s, attempt %s%s",
             call.pk,
             transition,
-            call.method,
-            f"pk {call.object_id}" if call.object_id else "no object (a task)",
+            # a task has no object: its dotted path and arguments say what it runs
+            call.subject if call.task_backend else f"{call.method} on pk {call.object_id}",
             state,
             kwargs.get("attempt", call.attempts),
             _details(transition, kwargs),

@@ -343,13 +343,18 @@ def test_a_tasks_rq_job_and_log_lines_read_like_the_task(caplog: pytest.LogCaptu
     [queued] = django_rq.get_queue("urgent", commit_mode="auto").get_jobs()
     assert queued.description == f"testproject.cloud.tasks.echo(1, 'x', flag=True) task #{result.id}"
     failing = cloud_tasks.fail.enqueue("boom")
-    with caplog.at_level("INFO", logger="asyncmodels.job"):
+    with caplog.at_level("INFO", logger="asyncmodels.calls"):
         job.run_method_call(int(result.id))
         job.run_method_call(int(failing.id))
-    lines = [record.getMessage() for record in caplog.records if record.name == "asyncmodels.job"]
-    assert f"Call {result.id} (testproject.cloud.tasks.echo(1, 'x', flag=True)) succeeded." in lines
+    lines = [record.getMessage() for record in caplog.records if record.name == "asyncmodels.calls"]
+    echoed = "testproject.cloud.tasks.echo(1, 'x', flag=True)"
     assert any(
-        line.startswith(f"Call {failing.id} (testproject.cloud.tasks.fail('boom')) attempt 1 failed")
+        line.startswith(f"Call {result.id} succeeded: {echoed}, state succeeded, attempt 1") for line in lines
+    ), lines
+    assert any(
+        line.startswith(
+            f"Call {failing.id} failed: testproject.cloud.tasks.fail('boom'), state failed, attempt 1"
+        )
         for line in lines
     ), lines
 
