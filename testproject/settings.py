@@ -8,6 +8,8 @@ ASYNCMODELS_REDIS_URL  Redis for every RQ queue (default redis://127.0.0.1:6379/
 ASYNCMODELS_SQLITE_DIR where SQLite files live (default <repo>/var)
 ASYNCMODELS_SQLITE_PREFIX  prefix of the SQLite file names ("test_" opens the test databases)
 ASYNCMODELS_BACKEND    "rq" (default) or "immediate"
+ASYNCMODELS_PG_PREPARED  "1": psycopg's server-side binding with prepared statements
+                       (OPTIONS server_side_binding and prepare_threshold 5; see README, Performance)
 ASYNCMODELS_LEASE_SECONDS, ASYNCMODELS_LEASE_RENEW_SECONDS, ASYNCMODELS_RECOVERY_INTERVAL_SECONDS,
 ASYNCMODELS_PUSH_GRACE_SECONDS, ASYNCMODELS_RECOVERY_BATCH_SIZE
                        override the ASYNCMODELS setting of the same name (seconds)
@@ -82,6 +84,11 @@ if os.environ.get("ASYNCMODELS_DB", "sqlite") == "postgres":
         "CONN_MAX_AGE": int(os.environ.get("ASYNCMODELS_CONN_MAX_AGE", "0")),
         "CONN_HEALTH_CHECKS": True,
     }
+    if os.environ.get("ASYNCMODELS_PG_PREPARED") == "1":
+        # Parameters bound by the server, and a statement run 5 times on a connection prepared
+        # there (planned once): what the README suggests for workers not behind a pooler that
+        # cannot keep prepared statements.
+        _pg["OPTIONS"] = {"server_side_binding": True, "prepare_threshold": 5}
     DATABASES = {
         "default": {**_pg, "NAME": _pg_name},
         "other": {**_pg, "NAME": f"{_pg_name}_other"},
