@@ -11,7 +11,10 @@ One worker process drains ``--calls`` no-op calls, for each of:
 - asyncmodels: ``Echo.noop`` called on ``--calls`` objects (``bulk_call``, pushed to Redis on
   commit), run by one ``manage.py rqworker --burst``, forking (``asyncmodels.worker.Worker``),
   not (``asyncmodels.worker.SimpleWorker``), and not forking without RQ's per-job bookkeeping for
-  asyncmodels' jobs (``asyncmodels.worker.LeanSimpleWorker``);
+  asyncmodels' jobs (``asyncmodels.worker.LeanSimpleWorker``), the last also with psycopg's
+  server-side binding and prepared statements (``ASYNCMODELS_PG_PREPARED=1``: Django's
+  ``OPTIONS`` ``server_side_binding`` and ``prepare_threshold``, which Procrastinate's own
+  psycopg connector has by default);
 - django-tasks' database backend (package django-tasks-db): a ``@task`` no-op enqueued
   ``--calls`` times, run by one ``manage.py db_worker --batch`` (exits when no task is ready);
 - Procrastinate (its Django contrib): a no-op task deferred ``--calls`` times, run by one
@@ -123,20 +126,25 @@ class Peers:
                 cursor.execute(f"TRUNCATE {model._meta.db_table} RESTART IDENTITY CASCADE")
         self.redis.flushdb()
 
-    def _drain(self, command: list[str], succeeded: Callable[[], int]) -> float:
-        elapsed = self.workers.run(command, 1, os.environ, timeout=max(120.0, ARGS.calls / 5))
+    def _drain(
+        self, command: list[str], succeeded: Callable[[], int], env: dict[str, str] | None = None
+    ) -> float:
+        environ = {**os.environ, **(env or {})}
+        elapsed = self.workers.run(command, 1, environ, timeout=max(120.0, ARGS.calls / 5))
         done = succeeded()
         if done != ARGS.calls:
             self.workers.fail(f"{shlex.join(command)}: {done} of {ARGS.calls} calls succeeded")
         return elapsed
 
-    def asyncmodels(self, worker_class: str) -> Callable[[], float]:
+    def asyncmodels(self, worker_class: str, env: dict[str, str] | None = None) -> Callable[[], float]:
         def run() -> float:
             Echo.noop.bulk_call(self.echos)  # pushed on commit, in one pipeline
             if self.queue.count != ARGS.calls:
                 raise SystemExit(f"expected {ARGS.calls} jobs in the queue, found {self.queue.count}")
             command = [*MANAGE, "rqworker", "--burst", "-v", "0", "--worker-class", worker_class, "default"]
-            return self._drain(command, lambda: MethodCall.objects.filter(state=CallState.SUCCEEDED).count())
+            return self._drain(
+                command, lambda: MethodCall.objects.filter(state=CallState.SUCCEEDED).count(), env
+            )
 
         return run
 
@@ -244,6 +252,13 @@ def main() -> int:
             System("asyncmodels", "SimpleWorker", peers.asyncmodels("asyncmodels.worker.SimpleWorker")),
             System(
                 "asyncmodels", "LeanSimpleWorker", peers.asyncmodels("asyncmodels.worker.LeanSimpleWorker")
+            ),
+            # The same worker with psycopg's server-side binding and prepared statements (Django's
+            # OPTIONS server_side_binding, prepare_threshold), as Procrastinate's connector has them.
+            System(
+                "asyncmodels",
+                "LeanSimpleWorker, prepared",
+                peers.asyncmodels("asyncmodels.worker.LeanSimpleWorker", {"ASYNCMODELS_PG_PREPARED": "1"}),
             ),
             System("asyncmodels", "@task on LeanSimpleWorker", peers.asyncmodels_task),
         ]
