@@ -74,7 +74,10 @@ def check_worker_class(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """W001: with the rq backend, django-rq's WORKER_CLASS should run recovery."""
-    if conf.find_problems() or conf.get_backend_name() != "rq":
+    # Read directly: an otherwise invalid ASYNCMODELS setting (E003) must not hide this warning.
+    user = getattr(settings, "ASYNCMODELS", None) or {}
+    backend = user.get("BACKEND", conf.DEFAULTS["BACKEND"]) if isinstance(user, dict) else None
+    if backend != "rq":
         return []
     from rq.utils import import_attribute
 

@@ -62,18 +62,24 @@ def find_problems() -> list[str]:
         )
     for key in _POSITIVE_NUMBERS:
         value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if not _positive(value):
             problems.append(f"ASYNCMODELS[{key!r}] must be a positive number, not {value!r}.")
     problems += _retention_problems(config["RETENTION_SECONDS"])
     batch = config["RECOVERY_BATCH_SIZE"]
-    if not problems and (isinstance(batch, float) and not batch.is_integer()):
+    if _positive(batch) and isinstance(batch, float) and not batch.is_integer():
         problems.append(f"ASYNCMODELS['RECOVERY_BATCH_SIZE'] must be a whole number, not {batch!r}.")
-    if not problems and config["LEASE_RENEW_SECONDS"] * 2 > config["LEASE_SECONDS"]:
+    lease, renew = config["LEASE_SECONDS"], config["LEASE_RENEW_SECONDS"]
+    if _positive(lease) and _positive(renew) and renew * 2 > lease:
         problems.append(
             "ASYNCMODELS['LEASE_RENEW_SECONDS'] must be at most half of ASYNCMODELS['LEASE_SECONDS'], "
             "or one late renewal lets a busy worker's lease expire."
         )
     return problems
+
+
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is a positive ``int`` or ``float`` (not a ``bool``)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 def _retention_problems(retention: Any) -> list[str]:

@@ -621,10 +621,17 @@ def lost_attempt_changes(call: MethodCall, reason: str | None = None) -> dict[st
         "finished_at": Now(),
         "state_reason": "",
         "error_type": "asyncmodels.WorkerLost",
-        "error": f"{reason} The method does not retry (retries={policy.retries}); the call failed.",
+        "error": f"{reason} {_no_retry_left(call.attempts, policy.retries)}",
         "traceback": "",
         "attempt_log": log,
     }
+
+
+def _no_retry_left(attempt: int, retries: int) -> str:
+    """Why a lost attempt ends its call: the method takes no retries, or it used them all."""
+    if retries <= 0:
+        return "The method does not retry (retries=0); the call failed."
+    return f"No retry left (attempt {attempt} of {retries + 1}, retries={retries}); the call failed."
 
 
 def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None) -> str | None:

@@ -72,7 +72,9 @@ def test_a_batch_of_lost_attempts_of_every_kind_ends_each_row_its_own_way() -> N
     assert retried.run_after is not None and "Attempt 2 of 3" in retried.state_reason
     assert failed.state == CallState.FAILED and failed.finished_at is not None
     assert "does not retry" in failed.error and failed.state_reason == ""
-    assert retried_last.state == CallState.FAILED and "retries=2" in retried_last.error
+    assert retried_last.state == CallState.FAILED
+    assert "No retry left (attempt 3 of 3, retries=2); the call failed." in retried_last.error
+    assert "does not retry" not in retried_last.error  # it did retry: it used its retries up
     assert cancelled.state == CallState.CANCELLED and cancelled.state_reason == "operator: stop"
     assert cancelled.run_after is None and cancelled.finished_at is not None
     for call in (retried, failed, cancelled, retried_last):

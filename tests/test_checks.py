@@ -67,6 +67,27 @@ def test_worker_class_without_recovery_is_w001(rq_setting: dict[str, str], warne
     assert [message.id for message in messages] == (["asyncmodels.W001"] if warned else [])
 
 
+def test_w001_is_reported_even_when_the_asyncmodels_setting_is_invalid() -> None:
+    with override_settings(RQ={}, ASYNCMODELS={"NO_SUCH_KEY": 1}):
+        assert [message.id for message in checks.check_worker_class()] == ["asyncmodels.W001"]
+
+
+def test_e003_reports_every_problem_at_once() -> None:
+    setting = {
+        "LEASE_SECONDS": 6,
+        "LEASE_RENEW_SECONDS": 5,
+        "FOO": 1,
+        "BACKEND": "x",
+        "RECOVERY_BATCH_SIZE": 2.5,
+    }
+    with override_settings(ASYNCMODELS=setting):
+        messages = checks.check_settings()
+    assert {message.id for message in messages} == {"asyncmodels.E003"}
+    texts = [message.msg for message in messages]
+    for text in ("Unknown key(s)", "'BACKEND'", "at most half", "whole number"):
+        assert sum(text in each for each in texts) == 1, (text, texts)  # one message per problem
+
+
 def test_w001_is_silent_with_the_immediate_backend() -> None:
     with override_settings(RQ={}, ASYNCMODELS={"BACKEND": "immediate"}):
         assert checks.check_worker_class() == []
