@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import logging
 import os
 import re
 import signal
@@ -741,6 +742,11 @@ class Command(BaseCommand):
                     ASYNCMODELS={**getattr(settings, "ASYNCMODELS", {}), "BACKEND": "rq"},
                 )
             )
+            # The demo prints what happened to each call in its own table: the library's
+            # per-transition lines (asyncmodels.calls, WARNING for a cancel) would only interleave.
+            calls_logger = logging.getLogger("asyncmodels.calls")
+            stack.callback(calls_logger.setLevel, calls_logger.level)
+            calls_logger.setLevel(logging.ERROR)
             demo = DemoRun()
             demo.make_calls()
             features = Features()
