@@ -869,17 +869,20 @@ _SUCCEEDED = _success_statement(whole_row=False)
 _SUCCEEDED_TASK = _success_statement(whole_row=True)
 
 
-def _read_state(call: MethodCall) -> None:
-    """Read the call's ``state`` and ``state_reason`` as its failure left them (a retry, or a
-    cancel requested meanwhile): where the finishing ``UPDATE`` could not return them."""
+def read_state(call: MethodCall) -> bool:
+    """Read the call's ``state`` and ``state_reason`` as the end of its attempt left them (a retry,
+    or a cancel requested meanwhile), where the finishing ``UPDATE`` could not return them;
+    return whether the row is still there."""
     row = (
         MethodCall.objects.using(call._state.db)
         .filter(pk=call.pk)
         .values_list("state", "state_reason")
         .first()
     )
-    if row is not None:
-        call.state, call.state_reason = row
+    if row is None:
+        return False
+    call.state, call.state_reason = row
+    return True
 
 
 def _record_failure(
@@ -927,7 +930,7 @@ def _record_failure(
         recorded = _finish(call, **errors, **changes)
     if recorded:
         if call.state == CallState.RUNNING:  # no RETURNING here (_finish): a retry or a cancel follows?
-            _read_state(call)
+            read_state(call)
         signals.attempt_failed(
             call,
             error_type,

@@ -36,6 +36,18 @@ class CallState(models.TextChoices):
 
 #: The most characters of a task's arguments ``MethodCall.subject`` shows (a log line, RQ's job
 #: description); the row keeps them all.
+
+#: Unfinished states in the order a call moves through them, then the finished ones: the column
+#: order of the admin overview and of ``asyncmodels_status``.
+UNFINISHED_ORDER = (
+    CallState.PENDING,
+    CallState.SCHEDULED,
+    CallState.WAITING,
+    CallState.ENQUEUED,
+    CallState.RUNNING,
+)
+FINISHED_ORDER = (CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED)
+
 SUBJECT_ARGUMENTS_LENGTH = 200
 
 TERMINAL_STATES = frozenset({CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED})

@@ -20,18 +20,10 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 from pygal.style import Style
 
-from .models import CallState, MethodCall
+from .models import FINISHED_ORDER, UNFINISHED_ORDER, CallState, MethodCall
 
 #: How far back the finished counts and the hourly chart look.
 WINDOW = datetime.timedelta(hours=24)
-UNFINISHED_ORDER = (
-    CallState.PENDING,
-    CallState.SCHEDULED,
-    CallState.WAITING,
-    CallState.ENQUEUED,
-    CallState.RUNNING,
-)
-FINISHED_ORDER = (CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED)
 #: A scheduled call this late past its run_after is overdue (recovery pushes due calls every
 #: RECOVERY_INTERVAL_SECONDS, 10 s by default).
 OVERDUE_AFTER = datetime.timedelta(minutes=1)

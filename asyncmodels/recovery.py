@@ -50,7 +50,7 @@ from django.db.models.functions import Now
 from rq.exceptions import StopRequested
 
 from . import conf, dispatch, signals
-from .job import HAS_DEPENDENTS, after_attempt, attempt_entry
+from .job import HAS_DEPENDENTS, after_attempt, attempt_entry, read_state
 from .models import (
     CallState,
     MethodCall,
@@ -650,14 +650,8 @@ def end_lost_attempt(call: MethodCall, still_lost: Q, reason: str | None = None)
     if not won:
         return None
     # A cancel requested while the attempt ran turns a retry or a failure into "cancelled".
-    row = (
-        MethodCall.objects.using(call._state.db)
-        .filter(pk=call.pk)
-        .values_list("state", "state_reason")
-        .first()
-    )
-    if row is not None:
-        call.state, call.state_reason = row
+    found = read_state(call)
+    if found:
         _signal_lost(call, changes)
     after_attempt(call)
-    return str(call.state) if row is not None else None
+    return str(call.state) if found else None

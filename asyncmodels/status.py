@@ -24,18 +24,10 @@ from typing import Any
 from django.db.models import Count
 
 from .durations import format_duration
-from .models import CallState, MethodCall, database_now
+from .models import FINISHED_ORDER, UNFINISHED_ORDER, CallState, MethodCall, database_now
 
 #: Bumped whenever a key of ``Status.as_json()`` changes meaning or goes away (keys may be added).
 JSON_VERSION = 1
-UNFINISHED_ORDER = (
-    CallState.PENDING,
-    CallState.SCHEDULED,
-    CallState.WAITING,
-    CallState.ENQUEUED,
-    CallState.RUNNING,
-)
-FINISHED_ORDER = (CallState.SUCCEEDED, CallState.FAILED, CallState.CANCELLED)
 STATE_ORDER = tuple(str(state) for state in (*UNFINISHED_ORDER, *FINISHED_ORDER))
 #: How far back finished calls are counted by default (and the failure rate computed).
 DEFAULT_WINDOW = datetime.timedelta(hours=1)

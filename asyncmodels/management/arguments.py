@@ -87,3 +87,14 @@ def database_alias(text: str) -> str:
             f"unknown database alias {text!r}; known: {', '.join(sorted(settings.DATABASES))}"
         )
     return text
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--database ALIAS`` (default ``"default"``, checked by ``database_alias``) to ``parser``."""
+    parser.add_argument(
+        "--database",
+        type=database_alias,
+        default="default",
+        metavar="ALIAS",
+        help="Database alias (default: default).",
+    )

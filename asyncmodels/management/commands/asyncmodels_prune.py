@@ -15,7 +15,7 @@ from django.db import DatabaseError
 from asyncmodels import conf
 from asyncmodels.durations import format_duration
 from asyncmodels.exceptions import ConfigurationError
-from asyncmodels.management.arguments import database_alias, duration, positive_int
+from asyncmodels.management.arguments import add_database_option, duration, positive_int
 from asyncmodels.management.progress import progress_bar, progress_enabled
 from asyncmodels.retention import DEFAULT_BATCH_SIZE, PRUNABLE_ORDER, count_prunable, prune_finished_calls
 
@@ -45,13 +45,7 @@ class Command(BaseCommand):
             default=DEFAULT_BATCH_SIZE,
             help=f"Calls deleted per transaction (default {DEFAULT_BATCH_SIZE}).",
         )
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default="default",
-            metavar="ALIAS",
-            help="Database alias (default: default).",
-        )
+        add_database_option(parser)
 
     def handle(self, *args: Any, dry_run: bool, batch_size: int, database: str, **options: Any) -> None:
         retention: dict[str, datetime.timedelta] = {

@@ -16,7 +16,7 @@ from django.db import DatabaseError
 
 from asyncmodels.bulk_retry import DEFAULT_LIMIT, CallSelection, retry_calls, select_calls
 from asyncmodels.exceptions import SelectionTooLargeError
-from asyncmodels.management.arguments import database_alias, moment, positive_int
+from asyncmodels.management.arguments import add_database_option, moment, positive_int
 from asyncmodels.management.progress import progress_bar
 from asyncmodels.models import CallState, MethodCall
 
@@ -102,13 +102,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="List the calls it would retry; change nothing."
         )
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default="default",
-            metavar="ALIAS",
-            help="Database alias (default: default).",
-        )
+        add_database_option(parser)
 
     def handle(
         self,

@@ -12,7 +12,12 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
-from asyncmodels.management.arguments import database_alias, duration, fraction, positive_duration
+from asyncmodels.management.arguments import (
+    add_database_option,
+    duration,
+    fraction,
+    positive_duration,
+)
 from asyncmodels.status import DEFAULT_WINDOW, Thresholds, format_status, read_status
 
 DEFAULTS = Thresholds()
@@ -27,13 +32,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="Print the report as JSON (README: shape).")
-        parser.add_argument(
-            "--database",
-            type=database_alias,
-            default="default",
-            metavar="ALIAS",
-            help="Database alias (default: default).",
-        )
+        add_database_option(parser)
         parser.add_argument(
             "--since",
             metavar="AGE",
