@@ -878,7 +878,11 @@ class CompiledGet:
         if compiled is None:
             return model._base_manager.db_manager(database).get(pk=pk)
         connection = connections[database]
-        value = model._meta.pk.get_db_prep_value(pk, connection, prepared=False)
+        pk_field = model._meta.pk
+        value = pk_field.get_db_prep_value(pk, connection, prepared=False)
+        if isinstance(value, int) and not _in_integer_range(connection, pk_field, value):
+            # As the ORM's lookup does: no row can hold it (and SQLite's driver would overflow).
+            raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
         params = [value if isinstance(param, Slot) else param for param in compiled.params]
         with connection.cursor() as cursor:
             cursor.execute(compiled.sql, params)
@@ -886,6 +890,16 @@ class CompiledGet:
         if not rows:
             raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
         return compiled.load(database, model, rows[0])
+
+
+def _in_integer_range(connection: Any, field: models.Field[Any, Any], value: int) -> bool:
+    """Whether ``value`` fits the integer column of ``field`` on ``connection`` (the backend's
+    ``integer_field_range``; a field type it does not list is taken to fit)."""
+    try:
+        low, high = connection.ops.integer_field_range(field.get_internal_type())
+    except KeyError:
+        return True
+    return (low is None or value >= low) and (high is None or value <= high)
 
 
 class CompiledSelect:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import redis
 from django.db import connections, reset_queries
 from django.db.models import Q
-from rq.exceptions import StopRequested
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.queue import Queue
@@ -278,7 +278,10 @@ return {id, redis.call('HGETALL', ARGV[1] .. id)}
             if not fields:
                 continue  # its hash is gone (deleted, expired): RQ passes over it the same way
             job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
-            job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+            try:
+                job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+            except NoSuchJobError:
+                continue  # a hash without the job's data: RQ passes over it the same way
             job.redis_server_version = version
             self.reorder_queues(reference_queue=queue)
             if self.log_job_description:
@@ -453,9 +456,13 @@ class CallAnnouncer:
 def is_plain_call_job(job: Job) -> bool:
     """Whether ``job`` is asyncmodels' ``run_method_call(call_id, database)`` as ``dispatch`` pushes
     it: no result kept, no RQ callbacks, repeats or rate limit, whose bookkeeping it would need."""
+    try:
+        function, args = job.func_name, job.args
+    except Exception:  # data that does not deserialize: RQ's own path fails that job and goes on
+        return False
     return (
-        job.func_name == JOB_FUNCTION
-        and len(job.args) == 2
+        function == JOB_FUNCTION
+        and len(args) == 2
         and not job.kwargs
         and job.result_ttl == 0
         and job._success_callback_name is None
